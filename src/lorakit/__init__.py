@@ -1,0 +1,63 @@
+"""lorakit: parameter-efficient fine-tuning with LoRA, PEFT-compatible.
+
+Replace ``peft`` with ``lorakit`` in your imports::
+
+    from lorakit import LoraConfig, TaskType, get_peft_model, PeftModel
+"""
+
+from lorakit.config import LoraConfig, PeftType, TaskType
+from lorakit.errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    ConfigError,
+    LorakitError,
+    MergeError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+)
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_delta, lora_scaling
+from lorakit.model import (
+    MODEL_TYPE_TO_PEFT_MODEL,
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+from lorakit.tuner import LoraModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL",
+    "AdapterExistsError",
+    "AdapterFileError",
+    "AdapterNotFoundError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraLayer",
+    "LoraModel",
+    "LorakitError",
+    "MergeError",
+    "ModulesToSaveWrapper",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "ShapeMismatchError",
+    "TargetNotFoundError",
+    "TaskType",
+    "UnsupportedModuleError",
+    "get_peft_model",
+    "lora_delta",
+    "lora_scaling",
+]

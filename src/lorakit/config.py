@@ -1,0 +1,326 @@
+"""Adapter configurations: :class:`LoraConfig`, :class:`TaskType`, :class:`PeftType`.
+
+Field names, defaults and the JSON layout of ``adapter_config.json`` follow Hugging Face PEFT, so a config
+written by either library loads in the other. Each field is documented once, here.
+
+Validation happens in ``__post_init__``: a bad value raises :class:`~lorakit.errors.ConfigError` naming the
+field, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lorakit.errors import AdapterFileError, ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class PeftType(str, enum.Enum):
+    """The adapter method. lorakit implements ``LORA``; the others are recognised so errors can be precise."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    BOFT = "BOFT"
+    VERA = "VERA"
+
+
+SUPPORTED_PEFT_TYPES = (PeftType.LORA,)
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model is for; picks the :class:`~lorakit.PeftModel` subclass and default heads."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+# Fields PEFT writes that lorakit does not implement, with the value that means "feature off". A config
+# holding the off value loads silently; any other value is refused, because ignoring it would give a model
+# that differs from the one the adapter was trained on.
+_PEFT_INERT_FIELDS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "auto_mapping": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "peft_version": None,  # informational; any value is fine
+    "qalora_group_size": 16,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "velora_config": None,
+}
+_ANY_VALUE_FIELDS = {"peft_version", "qalora_group_size", "megatron_core", "auto_mapping"}
+
+# Default targets when ``target_modules`` is None, by ``config.model_type`` (the same choice PEFT makes).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+
+# Heads that a task adds to ``modules_to_save`` (newly initialised, so they must train and be saved).
+TASK_HEADS: dict[TaskType, list[str]] = {
+    TaskType.SEQ_CLS: ["classifier", "score"],
+    TaskType.TOKEN_CLS: ["classifier", "score"],
+    TaskType.QUESTION_ANS: ["qa_outputs"],
+}
+
+InitLoraWeights = bool | Literal["gaussian"]
+
+
+def _enum_value(value: Any, enum_cls: type[enum.Enum], field_name: str) -> Any:
+    if value is None or isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in enum_cls)
+        raise ConfigError(f"{field_name}={value!r} is not known; accepted: {accepted}") from None
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter (Hu et al. 2021, arXiv 2106.09685).
+
+    The adapted layer computes ``h = W x + s · B A dropout(x)`` with ``A: (r, in)``, ``B: (out, r)`` and
+    ``s = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+    """
+
+    r: int = 8
+    """Rank of the update ΔW = BA. Trainable parameters per layer: r·(in + out) instead of in·out."""
+    lora_alpha: float = 8
+    """Numerator of the scaling s = α/r. Keeping α fixed while changing r keeps the update's size stable."""
+    lora_dropout: float = 0.0
+    """Dropout probability on the adapter's input, in [0, 1). 0 uses ``nn.Identity`` (no cost)."""
+    target_modules: list[str] | str | None = None
+    """Modules to adapt: a list of names (matched as the full name or a dotted suffix), one regex matched
+    against the full name, or ``"all-linear"`` (every Linear/Conv1D except the output head). None picks the
+    architecture's default (``DEFAULT_TARGET_MODULES``)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never to adapt, with the same matching rules as ``target_modules``."""
+    fan_in_fan_out: bool = False
+    """Kept for PEFT compatibility. lorakit reads the weight layout from the layer type (transformers'
+    ``Conv1D`` stores (in, out)), so this flag never needs setting."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train and are saved with the adapter: none, every bias, or those of adapted layers."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = α/√r (Kalajdzievski 2023, arXiv 2312.03732), better for large r."""
+    modules_to_save: list[str] | None = None
+    """Modules (name suffixes) trained in full and saved with the adapter, e.g. a new classifier head."""
+    init_lora_weights: InitLoraWeights = True
+    """True: A Kaiming-uniform (as ``nn.Linear``), B = 0, so the model starts equal to the base.
+    "gaussian": A ~ N(0, 1/r), B = 0. False: A and B both random (ΔW ≠ 0; for tests)."""
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt layers with these indices (the number after ``layers_pattern`` in the module name)."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer list, e.g. "layers" or "h", used to read the index for ``layers_to_transform``."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overriding ``r``: {name or regex suffix: rank}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overriding ``lora_alpha``: {name or regex suffix: alpha}."""
+    task_type: TaskType | str | None = None
+    """What the model is for (see :class:`TaskType`); picks the task wrapper and default trainable heads."""
+    inference_mode: bool = False
+    """True when the adapter is loaded for inference only: its weights are frozen."""
+    base_model_name_or_path: str | None = None
+    """Where the base model came from; filled in when the adapter is created if left None."""
+    revision: str | None = None
+    """Hub revision of the base model, for the record."""
+    peft_type: PeftType | str = PeftType.LORA
+    """The method; always LORA for this class."""
+
+    def __post_init__(self) -> None:
+        self.peft_type = _enum_value(self.peft_type, PeftType, "peft_type")
+        if self.peft_type != PeftType.LORA:
+            raise ConfigError(f"LoraConfig got peft_type={self.peft_type.value!r}; it only describes 'LORA'")
+        self.task_type = _enum_value(self.task_type, TaskType, "task_type")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r={self.r!r} is invalid; the rank must be a positive integer such as 8 or 16")
+        _check_positive_number("lora_alpha", self.lora_alpha)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} is invalid; accepted: a number in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={self.bias!r} is invalid; accepted: 'none', 'all', 'lora_only'")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; accepted: True, False, 'gaussian'"
+            )
+        self.target_modules = _name_selector("target_modules", self.target_modules)
+        self.exclude_modules = _name_selector("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            bad = [i for i in self.layers_to_transform if not isinstance(i, int) or i < 0]
+            if bad:
+                raise ConfigError(f"layers_to_transform holds {bad!r}; accepted: non-negative layer indices")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern is set but layers_to_transform is not; set both or neither")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError(
+                "layers_to_transform cannot be combined with a regex target_modules; "
+                "encode the layer indices in the regex instead"
+            )
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}]={rank!r} is invalid; ranks are positive integers")
+        for key, alpha in self.alpha_pattern.items():
+            _check_positive_number(f"alpha_pattern[{key!r}]", alpha)
+
+    # -- serialisation -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with PEFT's keys (sets become sorted lists, enums their values)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            elif isinstance(value, list):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build a config from a dict such as a parsed ``adapter_config.json`` written by PEFT or lorakit.
+
+        Raises:
+            ConfigError: unknown ``peft_type``, a PEFT feature lorakit does not implement switched on, or an
+                invalid field value.
+        """
+        data = dict(data)
+        peft_type = data.get("peft_type", "LORA")
+        peft_type = _enum_value(peft_type, PeftType, "peft_type")
+        if peft_type not in SUPPORTED_PEFT_TYPES:
+            supported = ", ".join(repr(t.value) for t in SUPPORTED_PEFT_TYPES)
+            raise ConfigError(f"peft_type={peft_type.value!r} is not supported by lorakit; supported: {supported}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_INERT_FIELDS:
+                if key not in _ANY_VALUE_FIELDS and value != _PEFT_INERT_FIELDS[key] and value not in (None, {}):
+                    raise ConfigError(
+                        f"this adapter uses {key}={value!r}, a PEFT feature lorakit does not implement; "
+                        f"lorakit loads adapters with {key}={_PEFT_INERT_FIELDS[key]!r}"
+                    )
+            else:
+                warnings.warn(f"ignoring unknown adapter config field {key!r}", stacklevel=2)
+        if kwargs.get("init_lora_weights") not in (None, True, False, "gaussian"):
+            # The init only matters at creation; a loaded adapter overwrites A and B anyway.
+            kwargs["init_lora_weights"] = True
+        return cls(**kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` atomically (see :mod:`lorakit.persistence`)."""
+        from lorakit.io import atomic_write_bytes
+
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json().encode())
+
+    def to_json(self) -> str:
+        """The JSON text PEFT writes: two-space indent, sorted keys."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> LoraConfig:
+        """Read ``adapter_config.json`` from a folder (or the file itself); ``kwargs`` override its fields.
+
+        Raises:
+            AdapterFileError: the file is missing or is not valid JSON.
+        """
+        from lorakit.io import resolve_adapter_file
+
+        file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder)
+        data = read_json(file)
+        data.update(kwargs)
+        return cls.from_dict(data)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """False: LoRA changes weights, it adds no virtual tokens (PEFT attribute, read by some tools)."""
+        return False
+
+
+def read_json(file: str | os.PathLike) -> dict[str, Any]:
+    """Parse a JSON object from ``file``; raises :class:`AdapterFileError` naming the file when it is not."""
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"cannot read adapter config {os.fspath(file)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"adapter config {os.fspath(file)!r} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def _check_positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is invalid; accepted: a positive finite number such as 16")
+
+
+def _name_selector(name: str, value: Any) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise ConfigError(f"{name}={value!r} is invalid; accepted: a list of module names, a regex string, or None")

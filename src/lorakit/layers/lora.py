@@ -1,0 +1,220 @@
+"""The LoRA adapter layer: wraps a frozen base layer and adds named low-rank updates.
+
+``h = base(x) + Σ_active s_a · B_a A_a dropout_a(x)`` (LoRA paper §4.1). The layer *wraps* its base
+(``self.base_layer``) rather than subclassing it, so any module that a :mod:`~lorakit.layers.kinds` strategy
+understands can be adapted. Adapters are keyed by name; merging is an explicit call and ``merged_adapters``
+records it — switching ``train()``/``eval()`` never touches weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
+from lorakit.layers.delta import lora_delta, lora_scaling
+from lorakit.layers.kinds import LayerKind
+
+
+class AdapterLayer(nn.Module):
+    """Marker base for every module that lorakit inserts into a model (found by type, never by name)."""
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed as in PEFT's files (relative to this module, without the name)."""
+        raise NotImplementedError
+
+    def adapter_param_key(self, adapter: str, file_key: str) -> str:
+        """The ``state_dict`` key (relative to this module) of a tensor named ``file_key`` in the file."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def set_active(self, adapters: list[str]) -> None:
+        raise NotImplementedError
+
+    def delete(self, adapter: str) -> None:
+        raise NotImplementedError
+
+    def original(self) -> nn.Module:
+        """The module this wrapper replaced."""
+        raise NotImplementedError
+
+
+class LoraLayer(AdapterLayer):
+    """A base layer plus any number of named LoRA adapters.
+
+    Attributes:
+        base_layer: the wrapped, frozen module (``nn.Linear``, ``nn.Embedding``, ``nn.ConvNd``, ``Conv1D``).
+        kind: the :class:`~lorakit.layers.kinds.LayerKind` strategy for the base layer's geometry.
+        r, lora_alpha, scaling: per-adapter rank, alpha and s.
+        active_adapters: adapters applied in ``forward`` (in order).
+        merged_adapters: adapters whose ΔW currently sits inside ``base_layer``'s weight.
+        disable_adapters: when True, ``forward`` returns ``base_layer``'s output alone.
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: LayerKind) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = kind.features(base_layer)
+        for container in kind.containers:
+            holder = nn.ParameterDict() if container.startswith("lora_embedding") else nn.ModuleDict()
+            setattr(self, container, holder)
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # -- adapters -------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        adapter: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Create adapter ``adapter`` with its own A, B and dropout, placed on the base weight's device.
+
+        Args:
+            dtype: dtype of A and B; defaults to the base weight's floating dtype.
+
+        Raises:
+            AdapterExistsError: the layer already holds an adapter of that name.
+        """
+        if adapter in self.r:
+            raise AdapterExistsError(f"adapter {adapter!r} already exists on this layer")
+        self.r[adapter] = r
+        self.lora_alpha[adapter] = lora_alpha
+        self.use_rslora[adapter] = use_rslora
+        self.scaling[adapter] = lora_scaling(lora_alpha, r, use_rslora)
+        self.lora_dropout[adapter] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        a, b = self.kind.create(self, adapter, r)
+        weight = self.kind.base_weight(self.base_layer)
+        if dtype is None:
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        for container, factor in zip(self.kind.containers, (a, b)):
+            getattr(self, container)[adapter] = factor.to(device=weight.device, dtype=dtype)
+        self.kind.init_factors(self, adapter, init_lora_weights)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def _check(self, adapter: str) -> None:
+        if adapter not in self.r:
+            raise AdapterNotFoundError(
+                f"adapter {adapter!r} is not on this layer; it holds {self.adapter_names()}"
+                + suggest(adapter, self.r)
+            )
+
+    def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
+        self._check(adapter)
+        out: dict[str, torch.Tensor] = {}
+        for container in self.kind.containers:
+            holder = getattr(self, container)[adapter]
+            if isinstance(holder, nn.Parameter):
+                out[container] = holder
+            else:
+                for name, param in holder.named_parameters():
+                    out[f"{container}.{name}"] = param
+        return out
+
+    def adapter_param_key(self, adapter: str, file_key: str) -> str:
+        container, _, rest = file_key.partition(".")
+        return f"{container}.{adapter}.{rest}" if rest else f"{container}.{adapter}"
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return list(self.adapter_state(adapter).values())
+
+    def set_active(self, adapters: list[str]) -> None:
+        self.active_adapters = [a for a in adapters if a in self.r]
+
+    def delete(self, adapter: str) -> None:
+        """Remove an adapter. Raises :class:`MergeError` if it is merged (unmerge first)."""
+        self._check(adapter)
+        if adapter in self.merged_adapters:
+            raise MergeError(f"adapter {adapter!r} is merged into the base weight; unmerge it before deleting it")
+        for container in (*self.kind.containers, "lora_dropout"):
+            del getattr(self, container)[adapter]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            del table[adapter]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+
+    def original(self) -> nn.Module:
+        return self.base_layer
+
+    # -- the update -----------------------------------------------------------------------------------
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW of one adapter in the base weight's layout and shape (computed by :func:`lora_delta`)."""
+        self._check(adapter)
+        a, b = self.kind.factors(self, adapter)
+        delta = lora_delta(b, a, self.scaling[adapter])
+        return self.kind.to_weight_layout(delta, self.base_layer)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add ΔW of each adapter (default: the active ones) into the base weight, in place.
+
+        Args:
+            safe_merge: compute W + ΔW out of place first and refuse to write it if it holds NaN or Inf.
+
+        Raises:
+            MergeError: ``safe_merge`` found non-finite values; the weight is unchanged.
+        """
+        names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in self.r]
+        weight = self.kind.base_weight(self.base_layer)
+        for adapter in names:
+            if adapter in self.merged_adapters:
+                continue
+            delta = self.delta_weight(adapter).to(weight.dtype)
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise MergeError(
+                        f"merging adapter {adapter!r} would put NaN/Inf into the base weight; nothing was merged"
+                    )
+                weight.data.copy_(merged)
+            else:
+                weight.data.add_(delta)
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ΔW from the base weight, newest first."""
+        weight = self.kind.base_weight(self.base_layer)
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            weight.data.sub_(self.delta_weight(adapter).to(weight.dtype))
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.merged_adapters:
+                result = self.kind.add_output(self, adapter, x, result)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{a}: r={self.r[a]}" for a in self.r)
+        return f"kind={self.kind.name}, adapters=({ranks}), merged={self.merged_adapters}"

@@ -1,0 +1,73 @@
+"""Whole modules trained and saved with an adapter (``modules_to_save``), e.g. a new classification head.
+
+Same layout as PEFT's wrapper, so state-dict keys match: ``original_module`` is the frozen module and
+``modules_to_save[name]`` a trainable copy per adapter; the active adapter's copy runs in ``forward``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterExistsError, AdapterNotFoundError
+from lorakit.layers.lora import AdapterLayer
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """Holds the original module and one trainable copy per adapter."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def add(self, adapter: str) -> None:
+        if adapter in self.modules_to_save:
+            raise AdapterExistsError(f"adapter {adapter!r} already has a trainable copy of this module")
+        self.modules_to_save[adapter] = copy.deepcopy(self.original_module)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
+        if adapter not in self.modules_to_save:
+            raise AdapterNotFoundError(f"adapter {adapter!r} has no copy of this module")
+        return dict(self.modules_to_save[adapter].state_dict(keep_vars=True))
+
+    def adapter_param_key(self, adapter: str, file_key: str) -> str:
+        return f"modules_to_save.{adapter}.{file_key}"
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[adapter].parameters())
+
+    def set_active(self, adapters: list[str]) -> None:
+        self.active_adapters = [a for a in adapters if a in self.modules_to_save][:1]
+
+    def delete(self, adapter: str) -> None:
+        del self.modules_to_save[adapter]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+
+    def original(self) -> nn.Module:
+        return self.original_module
+
+    def active_module(self) -> nn.Module:
+        if self.disable_adapters or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    # Heads are often read directly (``model.score.weight``): answer with the active copy's attributes.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.active_module().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.active_module(), "bias", None)

@@ -1,0 +1,495 @@
+"""The user-facing model: :class:`PeftModel`, its task subclasses and :func:`get_peft_model`.
+
+Names, arguments and behaviour follow Hugging Face PEFT, so code written for PEFT runs after replacing the
+import. Module layout is PEFT's too (``peft_model.base_model.model`` is the original model), so state-dict
+keys, Trainer checkpoints and adapter files line up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import TASK_HEADS, LoraConfig, PeftType, TaskType
+from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, suggest
+from lorakit.persistence import load_adapter_state, read_adapter_weights, save_adapter
+from lorakit.tuner import LoraModel
+
+
+class PeftModel(nn.Module):
+    """A base model with LoRA adapters.
+
+    Args:
+        model: the base model; it is modified in place (adapter layers are inserted into it).
+        peft_config: the first adapter's config.
+        adapter_name: the first adapter's name.
+        autocast_adapter_dtype: keep adapters in fp32 when the base is fp16/bf16 (as PEFT does).
+
+    Attributes:
+        base_model: the :class:`~lorakit.tuner.LoraModel`; ``base_model.model`` is the original model.
+        peft_config: adapter name -> :class:`LoraConfig`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(peft_config, LoraConfig):
+            raise ConfigError(
+                f"peft_config is a {type(peft_config).__name__}; lorakit accepts a lorakit.LoraConfig"
+            )
+        _check_adapter_name(adapter_name)
+        peft_config = _with_task_defaults(model, peft_config)
+        self.peft_config: dict[str, LoraConfig] = {adapter_name: peft_config}
+        self.base_model = LoraModel(model, self.peft_config, adapter_name, autocast_adapter_dtype)
+        if _is_checkpointing(model):
+            self._enable_input_grads()
+
+    # -- forwarding to the base model -----------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        # PEFT users read the base model's attributes through the wrapper (model.config,
+        # model.num_parameters(), model.device, ...), and the HF Trainer does too. One fallback covers them.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The original model, with the adapter layers inside it."""
+        return self.base_model.model
+
+    @property
+    def peft_type(self) -> PeftType:
+        return PeftType.LORA
+
+    @property
+    def active_adapter(self) -> str:
+        """The name of the active adapter."""
+        active = self.base_model.active_adapters
+        return active[0] if active else ""
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapter]
+
+    # -- adapters -------------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (not made active; call :meth:`set_adapter`).
+
+        Raises:
+            AdapterExistsError: the name is taken.
+            ConfigError: the config is invalid for this model (the model is left unchanged).
+        """
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterExistsError(
+                f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick another name"
+            )
+        if not isinstance(peft_config, LoraConfig):
+            raise ConfigError(f"peft_config is a {type(peft_config).__name__}; lorakit accepts a lorakit.LoraConfig")
+        peft_config = _with_task_defaults(self.base_model.model, peft_config)
+        self.peft_config[adapter_name] = peft_config
+        try:
+            self.base_model.inject(adapter_name, peft_config)
+        except BaseException:
+            del self.peft_config[adapter_name]
+            raise
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (the only one applied and trained)."""
+        self._check_adapter(adapter_name)
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. If it was active, the first remaining adapter becomes active."""
+        self._check_adapter(adapter_name)
+        self.base_model.remove_adapter_layers(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.base_model.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining:
+            self.base_model.set_adapter(remaining)
+        else:
+            self.base_model.active_adapters = []
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterNotFoundError(
+                f"unknown adapter {adapter_name!r}; this model holds {sorted(self.peft_config)}"
+                + suggest(adapter_name, self.peft_config)
+            )
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager in which the model behaves as the base model (adapters bypassed)."""
+        with self.base_model.adapters_disabled():
+            yield
+
+    # -- merging --------------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the active (or named) adapters' ΔW into the base weights; the layers stay in place."""
+        self.base_model.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged ΔW from the base weights again."""
+        self.base_model.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the active (or named) adapters and return the plain base model, with no adapter layers."""
+        return self.base_model.unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging and return the original base model."""
+        return self.base_model.unload(merge=False)
+
+    # -- parameters -----------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts, counted as PEFT counts them."""
+        trainable = total = 0
+        for param in self.parameters():
+            n = param.numel()
+            if n == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 shards
+                n = param.ds_numel
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- gradient checkpointing -----------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable checkpointing in the base model and make its input embeddings require grad.
+
+        With the base frozen, re-entrant checkpointing would otherwise see no input that needs a gradient and
+        the adapters inside checkpointed blocks would get none.
+        """
+        model = self.get_base_model()
+        signature = inspect.signature(model.gradient_checkpointing_enable)
+        if "gradient_checkpointing_kwargs" in signature.parameters:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            model.gradient_checkpointing_enable()
+        self._enable_input_grads()
+
+    def _enable_input_grads(self) -> None:
+        model = self.get_base_model()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Save adapters in PEFT's format: ``default`` at the folder root, others in ``<folder>/<name>/``.
+
+        Only adapter weights are written (plus biases and ``modules_to_save`` copies the config asks for).
+        Each adapter's files replace the previous ones atomically.
+
+        Raises:
+            AdapterNotFoundError: a selected adapter does not exist.
+            AdapterFileError: the folder cannot be written.
+        """
+        if os.path.isfile(save_directory):
+            from lorakit.errors import AdapterFileError
+
+            raise AdapterFileError(f"save_directory {os.fspath(save_directory)!r} is a file; give a folder path")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_adapter(name)
+        if not is_main_process:
+            return
+        for name in names:
+            config = copy.deepcopy(self.peft_config[name])
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = _name_or_path(self.get_base_model())
+            config.inference_mode = True
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load an adapter saved by lorakit or PEFT onto ``model``.
+
+        Args:
+            is_trainable: False (the default) loads for inference: adapter weights are frozen.
+
+        Raises:
+            AdapterFileError, ConfigError, ShapeMismatchError: see :meth:`load_adapter`. On any of them the
+                model is left exactly as it was.
+        """
+        if config is None:
+            config = LoraConfig.from_pretrained(model_id, subfolder=subfolder)
+        config.inference_mode = not is_trainable
+        state = read_adapter_weights(model_id, subfolder=subfolder)
+        model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
+        requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        try:
+            peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        except BaseException:
+            _restore_requires_grad(model, requires_grad)
+            raise
+        try:
+            load_adapter_state(peft_model.base_model, adapter_name, state)
+        except BaseException:
+            peft_model.base_model.unload(merge=False)
+            _restore_requires_grad(model, requires_grad)
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        subfolder: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load another saved adapter into this model under ``adapter_name`` (not made active).
+
+        Raises:
+            AdapterExistsError: the name is taken.
+            AdapterFileError: missing or corrupt files, or tensors that match no module.
+            ConfigError: unknown ``peft_type`` or unsupported feature.
+            ShapeMismatchError: tensors whose shapes do not fit this model.
+            On any error the model is left exactly as it was.
+        """
+        config = LoraConfig.from_pretrained(model_id, subfolder=subfolder)
+        config.inference_mode = not is_trainable
+        state = read_adapter_weights(model_id, subfolder=subfolder)
+        self.add_adapter(adapter_name, config)
+        try:
+            load_adapter_state(self.base_model, adapter_name, state)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    # -- running --------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the base model with the active adapters. Arguments are those of the base model's forward.
+
+        The named arguments are listed (not only ``**kwargs``) because the HF Trainer keeps just the dataset
+        columns that the forward signature names.
+        """
+        named = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "inputs_embeds": inputs_embeds,
+            "labels": labels,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
+            "return_dict": return_dict,
+        }
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        return self.get_base_model()(**kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapters applied."""
+        return self.get_base_model().generate(*args, **kwargs)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """PEFT name for a causal language model with adapters."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """PEFT name for an encoder-decoder model with adapters."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        named = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "inputs_embeds": inputs_embeds,
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": decoder_attention_mask,
+            "decoder_inputs_embeds": decoder_inputs_embeds,
+            "labels": labels,
+        }
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        return self.get_base_model()(**kwargs)
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """PEFT name for a sequence classifier; the head (``classifier``/``score``) trains in full."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """PEFT name for a token classifier; the head (``classifier``/``score``) trains in full."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """PEFT name for extractive QA; the ``qa_outputs`` head trains in full."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        named = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "inputs_embeds": inputs_embeds,
+            "token_type_ids": token_type_ids,
+            "start_positions": start_positions,
+            "end_positions": end_positions,
+        }
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        return self.get_base_model()(**kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """PEFT name for an encoder used for embeddings."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
+    None: PeftModel,
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter; the task type in the config picks the wrapper class.
+
+    The base model's parameters are frozen; only the adapter (plus any biases and ``modules_to_save`` the
+    config asks for) requires grad.
+
+    Raises:
+        ConfigError: invalid config for this model (targets that match nothing, unsupported module types...).
+    """
+    if mixed:
+        raise ConfigError("mixed=True (PeftMixedModel) is not supported by lorakit; use mixed=False")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model is a {type(model).__name__}; get_peft_model needs a torch.nn.Module")
+    if revision is not None:
+        peft_config.revision = revision
+    if peft_config.base_model_name_or_path is None:
+        peft_config.base_model_name_or_path = _name_or_path(model)
+    model_cls = MODEL_TYPE_TO_PEFT_MODEL[peft_config.task_type]
+    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def _with_task_defaults(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    heads = TASK_HEADS.get(config.task_type)
+    if heads:
+        current = list(config.modules_to_save or [])
+        config.modules_to_save = current + [h for h in heads if h not in current]
+    return config
+
+
+def _check_adapter_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "." in name or "/" in name:
+        raise ConfigError(
+            f"adapter name {name!r} is invalid; use a non-empty string without '.' or '/' (it becomes a module key "
+            "and a folder name)"
+        )
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    name = getattr(model, "name_or_path", None)
+    if name is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name or None
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (which now warns) to is_activation_checkpointing.
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+def _restore_requires_grad(model: nn.Module, flags: dict[int, bool]) -> None:
+    for param in model.parameters():
+        if id(param) in flags:
+            param.requires_grad_(flags[id(param)])

@@ -1,0 +1,300 @@
+"""Injection: put adapter layers into a model, switch them, merge them, take them out again.
+
+:class:`LoraModel` owns the wrapped model (``self.model``) and the dict of adapter configs. Every method
+finds lorakit's modules by type (:class:`~lorakit.layers.AdapterLayer`), never by name patterns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from lorakit.config import TASK_HEADS, LoraConfig
+from lorakit.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ConfigError,
+    MergeError,
+    UnsupportedModuleError,
+    suggest,
+)
+from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_for
+from lorakit.layers.kinds import supported_type_names
+from lorakit.targeting import is_module_to_save, pattern_value, select_targets
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+class LoraModel(nn.Module):
+    """The model with adapter layers injected; ``self.model`` is the original model object, modified in place.
+
+    Args:
+        model: any ``nn.Module`` (usually a transformers ``PreTrainedModel``).
+        peft_config: adapter name -> config, shared with the owning :class:`~lorakit.PeftModel`.
+        adapter_name: the first adapter, injected now and made active.
+    """
+
+    prefix = "lora_"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, LoraConfig],
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config = peft_config
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.active_adapters: list[str] = [adapter_name]
+        if any(isinstance(m, AdapterLayer) for m in model.modules()):
+            warnings.warn(
+                "this model already holds lorakit adapter layers (get_peft_model was called on it before); "
+                "the new adapter shares the base model with the earlier one. To keep several adapters on one "
+                "base, prefer peft_model.add_adapter(name, config) and set_adapter(name).",
+                stacklevel=3,
+            )
+        self.inject(adapter_name, peft_config[adapter_name])
+        self.set_adapter(adapter_name)
+
+    # -- adapter layers -------------------------------------------------------------------------------
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """``(name relative to self.model, layer)`` for every lorakit module, outermost first."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in self.adapter_layers():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise AdapterNotFoundError(
+                f"unknown adapter {adapter_name!r}; this model holds {sorted(self.peft_config)}"
+                + suggest(adapter_name, self.peft_config)
+            )
+
+    # -- injection ------------------------------------------------------------------------------------
+
+    def inject(self, adapter_name: str, config: LoraConfig) -> None:
+        """Wrap every module ``config`` selects and give it adapter ``adapter_name``; freeze the rest.
+
+        On any error the model is left as it was.
+
+        Raises:
+            TargetNotFoundError: the targets match no module.
+            UnsupportedModuleError: a target is of a type no adapter layer wraps.
+            AdapterExistsError: a targeted layer already holds an adapter of this name.
+            ConfigError: a second adapter asks for trainable biases (only one adapter may own them).
+        """
+        if config.bias != "none":
+            others = [n for n, c in self.peft_config.items() if n != adapter_name and c.bias != "none"]
+            if others:
+                raise ConfigError(
+                    f"adapter {adapter_name!r} has bias={config.bias!r} but adapter {others[0]!r} already trains "
+                    "biases; only one adapter per model may, so use bias='none' for this one"
+                )
+        names = select_targets(self.model, config)
+        plans = []
+        for name in names:
+            module = self.model.get_submodule(name)
+            base = module.base_layer if isinstance(module, LoraLayer) else module
+            kind = module.kind if isinstance(module, LoraLayer) else kind_for(module)
+            if kind is None:
+                raise UnsupportedModuleError(
+                    f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which LoRA "
+                    f"cannot wrap; supported: {supported_type_names()}. Narrow target_modules to such layers."
+                )
+            if isinstance(module, LoraLayer) and adapter_name in module.r:
+                raise AdapterExistsError(f"module {name!r} already holds an adapter named {adapter_name!r}")
+            kind.features(base)  # raises early for unsupported geometry (e.g. grouped convolutions)
+            plans.append((name, module, kind))
+
+        try:
+            for name, module, kind in plans:
+                layer = module if isinstance(module, LoraLayer) else LoraLayer(module, kind)
+                r = pattern_value(config.rank_pattern, name, config.r)
+                alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+                layer.add(
+                    adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+                    dtype=self._adapter_dtype(layer),
+                )
+                if layer is not module:
+                    parent, child = _parent(self.model, name)
+                    setattr(parent, child, layer)
+            self._add_modules_to_save(adapter_name, config)
+        except BaseException:
+            self.remove_adapter_layers(adapter_name)
+            raise
+        self._freeze_all()
+        self.set_adapter([a for a in self.active_adapters if a in self.peft_config])
+
+    def _freeze_all(self) -> None:
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    def _adapter_dtype(self, layer: LoraLayer) -> torch.dtype:
+        dtype = layer.kind.base_weight(layer.base_layer).dtype
+        if not dtype.is_floating_point:
+            return torch.float32
+        if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            return torch.float32  # half-precision adapters lose small updates; keep them in fp32 as PEFT does
+        return dtype
+
+    def _add_modules_to_save(self, adapter_name: str, config: LoraConfig) -> None:
+        if not config.modules_to_save:
+            return
+        matched: set[str] = set()
+        for name, module in list(self.model.named_modules()):
+            if not name or not is_module_to_save(name, config.modules_to_save):
+                continue
+            matched.update(m for m in config.modules_to_save if name.endswith(m))
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+            elif isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
+                continue
+            elif self._inside_adapter_layer(name):
+                continue
+            else:
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper.add(adapter_name)
+                parent, child = _parent(self.model, name)
+                setattr(parent, child, wrapper)
+        task_heads = TASK_HEADS.get(config.task_type, [])
+        unmatched = [m for m in config.modules_to_save if m not in matched and m not in task_heads]
+        if unmatched:
+            raise ConfigError(
+                f"modules_to_save entry {unmatched[0]!r} matched no module; give the names (or name endings) of "
+                "modules to train in full, e.g. ['classifier'] or ['lm_head']"
+                + suggest(unmatched[0], {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules() if n})
+            )
+
+    def _inside_adapter_layer(self, name: str) -> bool:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if isinstance(self.model.get_submodule(".".join(parts[:i])), AdapterLayer):
+                return True
+        return False
+
+    def remove_adapter_layers(self, adapter_name: str) -> None:
+        """Delete ``adapter_name`` from every layer; layers left with no adapter give back their original."""
+        for name, layer in list(self.adapter_layers()):
+            if adapter_name in layer.adapter_names():
+                layer.delete(adapter_name)
+            if not layer.adapter_names():
+                parent, child = _parent(self.model, name)
+                setattr(parent, child, layer.original())
+
+    # -- switching ------------------------------------------------------------------------------------
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters the active ones; only their parameters require grad (unless inference_mode)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_adapter(name)
+        for _, layer in self.adapter_layers():
+            layer.set_active(names)
+            for adapter in layer.adapter_names():
+                trainable = adapter in names and not self.peft_config[adapter].inference_mode
+                for param in layer.adapter_parameters(adapter):
+                    param.requires_grad_(trainable)
+        self.active_adapters = names
+        self._set_bias_trainable()
+
+    def _set_bias_trainable(self) -> None:
+        owners = [n for n in self.active_adapters if self.peft_config[n].bias != "none"]
+        config = self.peft_config[owners[0]] if owners else None
+        if config is None or config.inference_mode:
+            return
+        if config.bias == "all":
+            for name, param in self.model.named_parameters():
+                if name.rsplit(".", 1)[-1] == "bias":
+                    param.requires_grad_(True)
+        else:
+            for _, layer in self.lora_layers():
+                bias = getattr(layer.base_layer, "bias", None)
+                if isinstance(bias, nn.Parameter):
+                    bias.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base model alone inside the block.
+
+        Raises:
+            MergeError: an adapter is merged into the weights, so the base model cannot be recovered by
+                switching layers off; call ``unmerge_adapter()`` first.
+        """
+        layers = [layer for _, layer in self.adapter_layers()]
+        merged = sorted({a for layer in layers if isinstance(layer, LoraLayer) for a in layer.merged_adapters})
+        if merged:
+            raise MergeError(
+                f"adapters {merged} are merged into the base weights; call unmerge_adapter() before disabling them"
+            )
+        previous = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, before in zip(layers, previous):
+                layer.disable_adapters = before
+
+    # -- merging --------------------------------------------------------------------------------------
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters (default: the active ones) into the base weights. See :meth:`LoraLayer.merge`.
+
+        With ``safe_merge`` every layer is checked before any is written, so a NaN leaves the model untouched.
+        """
+        names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_adapter(name)
+        layers = [layer for _, layer in self.lora_layers()]
+        if safe_merge:
+            for layer in layers:
+                for adapter in names:
+                    if adapter in layer.r and not torch.isfinite(layer.delta_weight(adapter)).all():
+                        raise MergeError(f"adapter {adapter!r} holds NaN/Inf; nothing was merged")
+        for layer in layers:
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge(self) -> None:
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Take every lorakit module out of the model (merging first if asked) and return the bare model.
+
+        A ``modules_to_save`` wrapper gives back the active adapter's trained copy when merging, the original
+        module otherwise.
+        """
+        if merge:
+            self.merge(adapter_names, safe_merge=safe_merge)
+        else:
+            self.unmerge()
+        for name, layer in list(self.adapter_layers()):
+            if isinstance(layer, ModulesToSaveWrapper) and merge:
+                replacement = layer.active_module()
+            else:
+                replacement = layer.original()
+            parent, child = _parent(self.model, name)
+            setattr(parent, child, replacement)
+        return self.model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
