@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from transformers import (
@@ -15,14 +13,18 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-warnings.filterwarnings("ignore", message=".*embedding layer is adapted.*")
-
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -36,8 +38,13 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=num_labels,
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
     )
     return BertForSequenceClassification(cfg).eval()
 

@@ -78,9 +78,7 @@ def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str 
         if os.path.isfile(file):
             return file
         present = sorted(os.listdir(folder))
-        raise AdapterFileError(
-            f"{filename!r} not found in adapter folder {folder!r}; it holds {present or 'nothing'}"
-        )
+        raise AdapterFileError(f"{filename!r} not found in adapter folder {folder!r}; it holds {present or 'nothing'}")
     looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local:
         raise AdapterFileError(f"adapter folder {folder!r} does not exist")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -47,9 +46,7 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(peft_config, LoraConfig):
-            raise ConfigError(
-                f"peft_config is a {type(peft_config).__name__}; lorakit accepts a lorakit.LoraConfig"
-            )
+            raise ConfigError(f"peft_config is a {type(peft_config).__name__}; lorakit accepts a lorakit.LoraConfig")
         _check_adapter_name(adapter_name)
         peft_config = _with_task_defaults(model, peft_config)
         self.peft_config: dict[str, LoraConfig] = {adapter_name: peft_config}
@@ -182,23 +179,31 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- gradient checkpointing -----------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable checkpointing in the base model and make its input embeddings require grad.
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Enable activation (gradient) checkpointing in the base model; make its input embeddings require grad.
 
-        With the base frozen, re-entrant checkpointing would otherwise see no input that needs a gradient and
-        the adapters inside checkpointed blocks would get none.
+        With the base frozen, re-entrant checkpointing would otherwise see no input that needs a gradient, and
+        the adapters inside checkpointed blocks would get none. ``kwargs`` (``every_n_layers``, ``offload``) go
+        to transformers.
         """
         model = self.get_base_model()
-        signature = inspect.signature(model.gradient_checkpointing_enable)
-        if "gradient_checkpointing_kwargs" in signature.parameters:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
         else:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         self._enable_input_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def _enable_input_grads(self) -> None:
         model = self.get_base_model()
@@ -313,6 +318,26 @@ class PeftModel(nn.Module):
 
     # -- running --------------------------------------------------------------------------------------
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the base model with the active adapters; arguments are the base model's."""
+        return self.get_base_model()(*args, **kwargs)
+
+    def _run(self, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        return self.get_base_model()(**kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapters applied."""
+        return self.get_base_model().generate(*args, **kwargs)
+
+
+class _TransformersForward(PeftModel):
+    """A forward whose signature names the usual transformers inputs.
+
+    The HF Trainer keeps only the dataset columns that the model's forward names, so they are spelled out
+    rather than hidden in ``**kwargs``; anything else still passes through ``**kwargs``.
+    """
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -326,31 +351,21 @@ class PeftModel(nn.Module):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run the base model with the active adapters. Arguments are those of the base model's forward.
-
-        The named arguments are listed (not only ``**kwargs``) because the HF Trainer keeps just the dataset
-        columns that the forward signature names.
-        """
-        named = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "inputs_embeds": inputs_embeds,
-            "labels": labels,
-            "token_type_ids": token_type_ids,
-            "position_ids": position_ids,
-            "output_attentions": output_attentions,
-            "output_hidden_states": output_hidden_states,
-            "return_dict": return_dict,
-        }
-        kwargs.update({k: v for k, v in named.items() if v is not None})
-        return self.get_base_model()(**kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``generate`` with the active adapters applied."""
-        return self.get_base_model().generate(*args, **kwargs)
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        return self._run(named, kwargs)
 
 
-class PeftModelForCausalLM(PeftModel):
+class PeftModelForCausalLM(_TransformersForward):
     """PEFT name for a causal language model with adapters."""
 
 
@@ -368,24 +383,23 @@ class PeftModelForSeq2SeqLM(PeftModel):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        named = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "inputs_embeds": inputs_embeds,
-            "decoder_input_ids": decoder_input_ids,
-            "decoder_attention_mask": decoder_attention_mask,
-            "decoder_inputs_embeds": decoder_inputs_embeds,
-            "labels": labels,
-        }
-        kwargs.update({k: v for k, v in named.items() if v is not None})
-        return self.get_base_model()(**kwargs)
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+        )
+        return self._run(named, kwargs)
 
 
-class PeftModelForSequenceClassification(PeftModel):
+class PeftModelForSequenceClassification(_TransformersForward):
     """PEFT name for a sequence classifier; the head (``classifier``/``score``) trains in full."""
 
 
-class PeftModelForTokenClassification(PeftModel):
+class PeftModelForTokenClassification(_TransformersForward):
     """PEFT name for a token classifier; the head (``classifier``/``score``) trains in full."""
 
 
@@ -402,19 +416,18 @@ class PeftModelForQuestionAnswering(PeftModel):
         end_positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        named = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "inputs_embeds": inputs_embeds,
-            "token_type_ids": token_type_ids,
-            "start_positions": start_positions,
-            "end_positions": end_positions,
-        }
-        kwargs.update({k: v for k, v in named.items() if v is not None})
-        return self.get_base_model()(**kwargs)
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            start_positions=start_positions,
+            end_positions=end_positions,
+        )
+        return self._run(named, kwargs)
 
 
-class PeftModelForFeatureExtraction(PeftModel):
+class PeftModelForFeatureExtraction(_TransformersForward):
     """PEFT name for an encoder used for embeddings."""
 
 

@@ -65,6 +65,15 @@ class LoraModel(nn.Module):
         self.inject(adapter_name, peft_config[adapter_name])
         self.set_adapter(adapter_name)
 
+    def __getattr__(self, name: str):
+        # Reached only when normal lookup fails: answer with the wrapped model's attribute (config, generate, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
     # -- adapter layers -------------------------------------------------------------------------------
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -131,7 +140,12 @@ class LoraModel(nn.Module):
                 r = pattern_value(config.rank_pattern, name, config.r)
                 alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
                 layer.add(
-                    adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+                    adapter_name,
+                    r,
+                    alpha,
+                    config.lora_dropout,
+                    config.init_lora_weights,
+                    config.use_rslora,
                     dtype=self._adapter_dtype(layer),
                 )
                 if layer is not module:

@@ -198,8 +198,14 @@ class ConvKind(LayerKind):
         base = layer.base_layer
         conv = type(base)
         a = conv(
-            layer.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode,
+            layer.in_features,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
         )
         b = conv(r, layer.out_features, 1, 1, bias=False)
         return a, b

@@ -116,8 +116,7 @@ class LoraLayer(AdapterLayer):
     def _check(self, adapter: str) -> None:
         if adapter not in self.r:
             raise AdapterNotFoundError(
-                f"adapter {adapter!r} is not on this layer; it holds {self.adapter_names()}"
-                + suggest(adapter, self.r)
+                f"adapter {adapter!r} is not on this layer; it holds {self.adapter_names()}" + suggest(adapter, self.r)
             )
 
     def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
