@@ -14,7 +14,7 @@ from transformers import (
 )
 
 
-def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, tie: bool = False, initializer_range: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=96,
@@ -25,6 +25,7 @@ def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=tie,
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -177,6 +177,19 @@ class PeftModel(nn.Module):
                 trainable += n
         return trainable, total
 
+    def num_parameters(
+        self, only_trainable: bool = False, exclude_embeddings: bool = False, trainable: bool | None = None
+    ) -> int:
+        """transformers' ``num_parameters`` over the whole adapted model.
+
+        ``trainable=`` is accepted as an alias of ``only_trainable=`` (the seed document's §7.2 spells it so).
+        """
+        if trainable is not None:
+            only_trainable = trainable
+        return self.get_base_model().num_parameters(
+            only_trainable=only_trainable, exclude_embeddings=exclude_embeddings
+        )
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(

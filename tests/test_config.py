@@ -1,0 +1,84 @@
+"""LoraConfig validation and serialisation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit import ConfigError, LoraConfig, PeftType, TaskType
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"r": 0}, r"r=0 is invalid; the rank must be a positive integer"),
+        ({"r": -4}, r"r=-4 is invalid"),
+        ({"r": 2.5}, r"r=2.5 is invalid"),
+        ({"r": True}, r"r=True is invalid"),
+        ({"lora_alpha": 0}, r"lora_alpha=0 is invalid; accepted: a positive finite number"),
+        ({"lora_alpha": -1.0}, r"lora_alpha=-1.0 is invalid"),
+        ({"lora_alpha": float("nan")}, r"lora_alpha=nan is invalid"),
+        ({"lora_dropout": 1.0}, r"lora_dropout=1.0 is invalid; accepted: a number in \[0, 1\)"),
+        ({"lora_dropout": -0.1}, r"lora_dropout=-0.1 is invalid"),
+        ({"bias": "some"}, r"bias='some' is invalid; accepted: 'none', 'all', 'lora_only'"),
+        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is not supported; accepted: True, False"),
+        ({"task_type": "CAUSAL"}, r"task_type='CAUSAL' is not known; accepted: 'SEQ_CLS'"),
+        ({"target_modules": 3}, r"target_modules=3 is invalid; accepted: a list of module names, a regex"),
+        ({"layers_pattern": "layers"}, r"layers_pattern is set but layers_to_transform is not"),
+        ({"layers_to_transform": [-1]}, r"layers_to_transform holds \[-1\]"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\]=0 is invalid"),
+        ({"alpha_pattern": {"q_proj": -2}}, r"alpha_pattern\['q_proj'\]=-2 is invalid"),
+        ({"peft_type": "IA3"}, r"LoraConfig got peft_type='IA3'"),
+    ],
+)
+def test_bad_values_are_named(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LoraConfig(**kwargs)
+
+
+def test_config_errors_are_value_errors():
+    """Code written for PEFT catches ValueError."""
+    with pytest.raises(ValueError):
+        LoraConfig(r=0)
+
+
+def test_normalisation():
+    cfg = LoraConfig(task_type="CAUSAL_LM", target_modules={"v_proj", "q_proj"}, layers_to_transform=3)
+    assert cfg.task_type is TaskType.CAUSAL_LM and cfg.peft_type is PeftType.LORA
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.layers_to_transform == [3]
+
+
+def test_json_round_trip():
+    cfg = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=["q_proj"],
+        task_type=TaskType.SEQ_CLS,
+        use_rslora=True,
+        rank_pattern={"q_proj": 4},
+    )
+    text = cfg.to_json()
+    data = json.loads(text)
+    assert list(data) == sorted(data), "keys sorted as PEFT writes them"
+    assert data["task_type"] == "SEQ_CLS" and data["peft_type"] == "LORA"
+    assert LoraConfig.from_dict(data) == cfg
+
+
+def test_save_and_load(tmp_path):
+    cfg = LoraConfig(r=4, target_modules="all-linear")
+    cfg.save_pretrained(tmp_path)
+    assert LoraConfig.from_pretrained(tmp_path) == cfg
+    assert LoraConfig.from_pretrained(tmp_path, r=2).r == 2
+
+
+def test_unknown_field_warns_and_is_ignored():
+    with pytest.warns(UserWarning, match="ignoring unknown adapter config field 'shiny_new_option'"):
+        cfg = LoraConfig.from_dict({"r": 4, "shiny_new_option": 1})
+    assert cfg.r == 4
+
+
+def test_peft_feature_switched_on_is_refused():
+    with pytest.raises(ConfigError, match="use_dora=True, a PEFT feature lorakit does not implement"):
+        LoraConfig.from_dict({"r": 4, "use_dora": True})
