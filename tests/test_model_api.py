@@ -274,3 +274,58 @@ def test_peft_config_type_is_checked():
 
 def test_input_ids_fixture_shape():
     assert input_ids().shape == (2, 10)
+
+
+def test_seq2seq_t5_generate_and_merge():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from lorakit import PeftModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    model = get_peft_model(T5ForConditionalGeneration(cfg).eval(), lora(task_type="SEQ_2_SEQ_LM", target_modules=None))
+    assert isinstance(model, PeftModelForSeq2SeqLM)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert names == {"q", "v"}, "T5's default targets"
+    src = torch.randint(1, 64, (2, 6))
+    labels = torch.randint(1, 64, (2, 4))
+    loss = model(input_ids=src, labels=labels).loss
+    loss.backward()
+    out = model.generate(input_ids=src, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    logits = model(input_ids=src, labels=labels).logits
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=src, labels=labels).logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.generate(input_ids=src, max_new_tokens=3, min_new_tokens=3, do_sample=False), out)
+
+
+@pytest.mark.parametrize(
+    "task,head_cls,head",
+    [
+        ("TOKEN_CLS", "BertForTokenClassification", "classifier"),
+        ("QUESTION_ANS", "BertForQuestionAnswering", "qa_outputs"),
+        ("FEATURE_EXTRACTION", "BertModel", None),
+    ],
+)
+def test_other_bert_tasks(task, head_cls, head):
+    import transformers
+
+    from lorakit import MODEL_TYPE_TO_PEFT_MODEL
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    base = getattr(transformers, head_cls)(cfg).eval()
+    model = get_peft_model(base, lora(task_type=task, target_modules=["query", "value"]))
+    assert type(model) is MODEL_TYPE_TO_PEFT_MODEL[TaskType(task)]
+    if head:
+        assert isinstance(getattr(model.get_base_model(), head), ModulesToSaveWrapper)
+    ids = torch.randint(0, 64, (2, 5))
+    kwargs = (
+        {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([2, 3])} if head == "qa_outputs" else {}
+    )
+    out = model(input_ids=ids, token_type_ids=torch.zeros_like(ids), **kwargs)
+    if kwargs:
+        out.loss.backward()
+        assert model.get_base_model().qa_outputs.modules_to_save["default"].weight.grad is not None
+    assert out is not None
