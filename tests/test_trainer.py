@@ -50,3 +50,37 @@ def test_trainer_keeps_token_type_ids_column(tmp_path):
     trainer._set_signature_columns_if_needed()
     assert {"input_ids", "attention_mask", "token_type_ids", "labels"} <= set(trainer._signature_columns)
     assert trainer.label_names == ["labels"]
+
+
+def test_trainer_checkpoints_and_resumes_a_tied_embedding_model(tmp_path):
+    """Trainer saves `state_dict()` to safetensors for models it does not know; tied weights must not break it."""
+
+    def make():
+        return get_peft_model(
+            tiny_llama(tie=True, initializer_range=0.5),
+            LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"]),
+        )
+
+    def args(**kw):
+        return TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=8,
+            learning_rate=1e-2,
+            max_steps=6,
+            save_steps=3,
+            report_to=[],
+            seed=0,
+            disable_tqdm=True,
+            **kw,
+        )
+
+    full = make()
+    Trainer(model=full, args=args(), train_dataset=pattern_data(48)).train()
+    assert (tmp_path / "checkpoint-3").is_dir() and (tmp_path / "checkpoint-6").is_dir()
+    resumed = make()
+    Trainer(model=resumed, args=args(), train_dataset=pattern_data(48)).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-3")
+    )
+    ids = pattern_data(1)[0]["input_ids"][None]
+    torch.testing.assert_close(resumed(ids).logits, full(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(resumed(ids).logits, make()(ids).logits)

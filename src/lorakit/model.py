@@ -223,6 +223,26 @@ class PeftModel(nn.Module):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``, except that a tensor tied under two keys (``lm_head`` = ``embed_tokens``)
+        is returned as a copy under its second key.
+
+        The HF Trainer writes ``model.state_dict()`` straight to safetensors for any model class it does not
+        know, and safetensors refuses shared tensors: without this, Trainer checkpoints of tied-embedding models
+        (SmolLM2, Qwen2.5, Llama-3.2, Gemma) fail. Loading such a dict back works unchanged.
+        """
+        state = super().state_dict(*args, **kwargs)
+        seen: dict[tuple, str] = {}
+        for key, tensor in list(state.items()):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if ident in seen:
+                state[key] = tensor.detach().clone()
+            else:
+                seen[ident] = key
+        return state
+
     # -- files ----------------------------------------------------------------------------------------
 
     def save_pretrained(
