@@ -277,8 +277,18 @@ class PeftModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = _name_or_path(self.get_base_model())
             config.inference_mode = True
+            if self._wraps_conv1d(name):
+                config.fan_in_fan_out = True  # what PEFT writes for transformers' Conv1D; only the file's copy changes
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers)
+
+    def _wraps_conv1d(self, adapter_name: str) -> bool:
+        from lorakit.layers.kinds import HFConv1DKind
+
+        return any(
+            isinstance(layer.kind, HFConv1DKind) and adapter_name in layer.r
+            for _, layer in self.base_model.lora_layers()
+        )
 
     @classmethod
     def from_pretrained(

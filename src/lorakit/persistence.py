@@ -23,7 +23,6 @@ from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFileError, ShapeMismatchError
 from lorakit.io import atomic_write_files, resolve_adapter_file
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
-from lorakit.layers.kinds import EmbeddingKind
 
 if TYPE_CHECKING:
     from lorakit.tuner import LoraModel
@@ -37,36 +36,70 @@ def _module_key(module_name: str, tensor_key: str) -> str:
     return f"{KEY_PREFIX}{module_name}.{tensor_key}" if module_name else f"{KEY_PREFIX}{tensor_key}"
 
 
+# PEFT's rule for save_embedding_layers="auto": save base embedding weights when a module of these names is adapted.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
 def adapter_tensors(
     lora_model: LoraModel, adapter_name: str, save_embedding_layers: bool | str = False
 ) -> dict[str, torch.Tensor]:
     """File key -> live tensor for everything adapter ``adapter_name`` owns.
 
     Args:
-        save_embedding_layers: also include the base weight of adapted embedding layers (PEFT does this when
-            embeddings are targeted, for models whose vocabulary was resized). ``"auto"`` does it when an
-            embedding layer holds this adapter.
+        save_embedding_layers: also include the input/output embedding weights, for models whose vocabulary
+            was resized. ``"auto"`` (PEFT's rule) does so when a module named ``embed_tokens`` or ``lm_head``
+            holds this adapter.
     """
     config = lora_model.peft_config[adapter_name]
-    out: dict[str, torch.Tensor] = {}
-    wrapped_copies: set[int] = set()
-    for name, layer in lora_model.adapter_layers():
-        if isinstance(layer, ModulesToSaveWrapper):
-            wrapped_copies.update(id(p) for p in layer.parameters())
-        if adapter_name not in layer.adapter_names():
-            continue
-        for key, tensor in layer.adapter_state(adapter_name).items():
-            out[_module_key(name, key)] = tensor
-        if isinstance(layer, LoraLayer) and isinstance(layer.kind, EmbeddingKind):
-            if save_embedding_layers is True or save_embedding_layers == "auto":
-                out[_module_key(name, "base_layer.weight")] = layer.base_layer.weight
-        if isinstance(layer, LoraLayer) and config.bias == "lora_only":
-            if isinstance(getattr(layer.base_layer, "bias", None), torch.Tensor):
-                out[_module_key(name, "base_layer.bias")] = layer.base_layer.bias
+    out = required_keys(lora_model, adapter_name)
+    if config.bias == "lora_only":
+        for name, layer in lora_model.lora_layers():
+            bias = getattr(layer.base_layer, "bias", None)
+            if adapter_name in layer.r and isinstance(bias, torch.Tensor):
+                out[_module_key(name, "base_layer.bias")] = bias
     if config.bias == "all":
-        for name, param in lora_model.model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias" and id(param) not in wrapped_copies:
-                out[_module_key("", name)] = param
+        for name, param in _trainable_bias_candidates(lora_model):
+            out[_module_key("", name)] = param
+    out.update(_embedding_tensors(lora_model, adapter_name, save_embedding_layers))
+    return out
+
+
+def _trainable_bias_candidates(lora_model: LoraModel) -> list[tuple[str, torch.Tensor]]:
+    """Biases that ``bias="all"`` trains: every bias outside ``modules_to_save`` wrappers (their copies are
+    saved whole anyway, and their originals stay frozen)."""
+    inside: set[int] = set()
+    for _, layer in lora_model.adapter_layers():
+        if isinstance(layer, ModulesToSaveWrapper):
+            inside.update(id(p) for p in layer.parameters())
+    return [
+        (name, p)
+        for name, p in lora_model.model.named_parameters()
+        if name.rsplit(".", 1)[-1] == "bias" and id(p) not in inside
+    ]
+
+
+def _embedding_tensors(lora_model: LoraModel, adapter_name: str, mode: bool | str) -> dict[str, torch.Tensor]:
+    model = lora_model.model
+    only_wrapped = mode == "auto"  # PEFT's auto mode saves the embeddings that carry an adapter
+    if mode == "auto":
+        mode = any(
+            name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+            for name, layer in lora_model.lora_layers()
+            if adapter_name in layer.r
+        )
+    if not mode or not hasattr(model, "get_input_embeddings"):
+        return {}
+    wanted = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not any(module is w for w in wanted):
+            continue
+        if isinstance(module, LoraLayer):
+            name, module = f"{name}.base_layer", module.base_layer
+        elif only_wrapped:
+            continue
+        for key, param in module.named_parameters(remove_duplicate=False):
+            out[_module_key(name, key)] = param
     return out
 
 
@@ -104,7 +137,11 @@ def save_adapter(
     if not os.access(directory, os.W_OK):
         raise AdapterFileError(f"adapter folder {directory!r} is not writable")
     tensors = adapter_tensors(lora_model, adapter_name, save_embedding_layers)
-    if save_embedding_layers == "auto" and any(k.endswith("base_layer.weight") for k in tensors):
+    if (
+        save_embedding_layers == "auto"
+        and len(tensors) > len(required_keys(lora_model, adapter_name))
+        and any(k.endswith("base_layer.weight") for k in tensors)
+    ):
         warnings.warn(
             "an embedding layer is adapted, so its base weight is saved with the adapter (as PEFT does, for "
             "resized vocabularies); pass save_embedding_layers=False to save only the adapter",
@@ -178,9 +215,12 @@ def load_adapter_state(lora_model: LoraModel, adapter_name: str, state: dict[str
     """
     required = required_keys(lora_model, adapter_name)
     optional = adapter_tensors(lora_model, adapter_name, save_embedding_layers=True)
-    everything = {_module_key("", n): p for n, p in lora_model.model.named_parameters()}
+    # remove_duplicate=False: a tied weight (lm_head = embed_tokens) answers to both of its names.
+    everything = {_module_key("", n): p for n, p in lora_model.model.named_parameters(remove_duplicate=False)}
     everything.update(
-        (_module_key("", n), b) for n, b in lora_model.model.named_buffers() if _module_key("", n) not in everything
+        (_module_key("", n), b)
+        for n, b in lora_model.model.named_buffers(remove_duplicate=False)
+        if _module_key("", n) not in everything
     )
     missing = [k for k in required if k not in state]
     if missing:

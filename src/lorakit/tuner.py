@@ -236,8 +236,14 @@ class LoraModel(nn.Module):
         if config is None or config.inference_mode:
             return
         if config.bias == "all":
+            wrapped = {
+                id(p)
+                for _, layer in self.adapter_layers()
+                if isinstance(layer, ModulesToSaveWrapper)
+                for p in layer.original_module.parameters()
+            }
             for name, param in self.model.named_parameters():
-                if name.rsplit(".", 1)[-1] == "bias":
+                if name.rsplit(".", 1)[-1] == "bias" and id(param) not in wrapped:
                     param.requires_grad_(True)
         else:
             for _, layer in self.lora_layers():
