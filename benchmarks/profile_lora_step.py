@@ -1,21 +1,30 @@
 """Where does lorakit's training step spend time beyond the frozen-model floor, and which LoRA forward is fastest?
 
-Reproduce (about 5-8 minutes on 2 CPU cores)::
+Reproduce (all parts, about 12-15 minutes on 2 CPU cores)::
 
     python benchmarks/profile_lora_step.py --json profile_lora_step.json
+    # the runs reported: the profiler + per-layer microbenchmark, then the step-level comparison
+    python benchmarks/profile_lora_step.py --no-variants --forward-formulations ''
+    python benchmarks/profile_lora_step.py --no-micro --no-profile --repeats 21 \
+        --step-formulations shipped,autograd_T,delta_function_T,fused_layer_T
 
 Same setup as ``bench_lora.py`` (SmolLM2-135M-Instruct, fp32, LoRA r=8 / alpha 16 on all 7 projections,
-batch 8 x 64, AdamW lr 1e-4, 2 threads).
+batch 8 x 64, AdamW lr 1e-4, 2 threads). ``src/`` is never edited: the formulations are swapped in at run
+time by replacing ``LoraLayer.forward`` with a dispatcher and restored afterwards.
 
-Part 1 (``--profile``): ``torch.profiler`` on one training step each of floor, lorakit and PEFT (after a warm-up
-step), ops sorted by self CPU time, and the per-op difference lorakit - floor.
+1. ``--profile``: ``torch.profiler`` self CPU time per op for floor, lorakit and PEFT (mean of
+   ``--profile-steps`` interleaved steps), and the per-op differences lorakit - floor, peft - floor, lorakit - peft.
+2. ``--micro``: forward + backward of one adapted projection of each SmolLM2 shape, per formulation, against the
+   frozen ``nn.Linear`` alone; short interleaved blocks, so it resolves differences the multi-second model steps
+   drown in noise. The sum over the 210 projections estimates each formulation's LoRA overhead per step.
+3. ``--variants``: full training steps, the floor and each formulation interleaved per repeat on one lorakit
+   model (same weights, same batch), median over ``--repeats``; each formulation is first checked against the
+   shipped one (same loss, same LoRA gradients). Minor page faults per step are recorded too.
+4. ``--forward-formulations``: unmerged eval forward under ``inference_mode``, base model vs formulations.
 
-Part 2 (``--variants``): alternative formulations of the LoRA forward, swapped in at run time by replacing
-``LoraLayer.forward`` with a dispatcher (``src/`` is not edited). One lorakit model is used for every
-formulation, so weights and inputs are identical; the floor and the formulations are timed interleaved per
-repeat (floor, f1, f2, ..., floor, f1, ...), median over repeats. Each formulation is first checked against
-the shipped one (same loss and same LoRA gradients on one batch). Minor page faults per step are counted too
-(each fresh large tensor on CPU costs page faults, so allocations matter here).
+Formulations (see each function): ``shipped`` (lorakit as installed), ``peft_style``, ``inplace_addmm``,
+``delta_function``, ``fused_layer`` and the ``*_T`` versions, which lay the skinny GEMMs out as (r, N) so that
+MKL takes its fast path.
 """
 
 from __future__ import annotations
@@ -313,17 +322,21 @@ def _dispatch(self: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
 # -- part 1: profiler -------------------------------------------------------------------------------------
 
 
-def profile_step(step: Callable[[], Any], table: dict | None = None, weight: float = 1.0) -> dict:
-    """Add one profiled step's self CPU time per op (scaled by ``weight``) into ``table``."""
+def profile_step(step: Callable[[], Any], table: dict | None = None, weight: float = 1.0, by_shape: bool = False):
+    """Add one profiled step's self CPU time per op (scaled by ``weight``) into ``table``.
+
+    ``by_shape``: key by op name and input shapes (``aten::mm [[512, 1536], [1536, 8]]``).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
         step()
     if table is None:
         table = defaultdict(lambda: {"self_ms": 0.0, "count": 0})
-    for e in prof.key_averages():
-        table[e.key]["self_ms"] += weight * e.self_cpu_time_total / 1e3
-        table[e.key]["count"] += weight * e.count
+    for e in prof.key_averages(group_by_input_shape=by_shape):
+        key = f"{e.key} {e.input_shapes}" if by_shape else e.key
+        table[key]["self_ms"] += weight * e.self_cpu_time_total / 1e3
+        table[key]["count"] += weight * e.count
     return table
 
 
@@ -547,7 +560,7 @@ def time_forward(base, x, names, warmup, repeats, max_foreign) -> dict[str, Any]
             return f
 
         fns = {"base": run(base, "base"), **{n: run(lk, n) for n in names}}
-        for _ in range(warmup):
+        for _ in range(max(1, warmup)):  # also records each variant's logits for the check below
             for fn in fns.values():
                 fn()
         diffs = {n: (outs[n] - outs[names[0]]).abs().max().item() for n in names}
@@ -578,9 +591,10 @@ def time_forward(base, x, names, warmup, repeats, max_foreign) -> dict[str, Any]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--no-profile", action="store_true", help="skip part 1 (torch.profiler)")
-    ap.add_argument("--no-variants", action="store_true", help="skip part 2 (formulations)")
+    ap.add_argument("--no-variants", action="store_true", help="skip part 3 (full-step comparison of formulations)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant, averaged")
+    ap.add_argument("--by-shape", action="store_true", help="profiler tables per op and input shapes")
     ap.add_argument(
         "--micro",
         action=argparse.BooleanOptionalAction,
@@ -593,7 +607,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-foreign", type=float, default=0.15)
-    ap.add_argument("--formulations", default=",".join(FORMULATIONS))
+    ap.add_argument("--formulations", default=",".join(FORMULATIONS), help="for the microbenchmark (default all)")
+    ap.add_argument(
+        "--step-formulations",
+        default="shipped,peft_style,autograd_T,delta_function_T,fused_layer_T",
+        help="for the full-step comparison",
+    )
     ap.add_argument(
         "--forward-formulations",
         default="shipped,autograd_T_inplace",
@@ -621,7 +640,7 @@ def main() -> None:
         tables: dict[str, Any] = {n: None for n in steps}
         for _ in range(args.profile_steps):
             for n, fn in steps.items():
-                tables[n] = profile_step(fn, tables[n], 1.0 / args.profile_steps)
+                tables[n] = profile_step(fn, tables[n], 1.0 / args.profile_steps, args.by_shape)
         tables = {n: dict(t) for n, t in tables.items()}
         for n in steps:
             print_top(f"{n}, mean of {args.profile_steps} steps", tables[n], args.top)
@@ -642,7 +661,7 @@ def main() -> None:
             LoraLayer.forward = SHIPPED_FORWARD
 
     if not args.no_variants:
-        names = [n for n in args.formulations.split(",") if n]
+        names = [n for n in args.step_formulations.split(",") if n]
         LoraLayer.forward = _dispatch
         try:
             lk = build_lorakit(base)
