@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lorakit.config import TASK_HEADS, LoraConfig, PeftType, TaskType
-from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, suggest
+from lorakit.errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, suggest
+from lorakit.layers.kinds import HFConv1DKind
 from lorakit.persistence import load_adapter_state, read_adapter_weights, save_adapter
 from lorakit.tuner import LoraModel
 
@@ -264,8 +265,6 @@ class PeftModel(nn.Module):
             AdapterFileError: the folder cannot be written.
         """
         if os.path.isfile(save_directory):
-            from lorakit.errors import AdapterFileError
-
             raise AdapterFileError(f"save_directory {os.fspath(save_directory)!r} is a file; give a folder path")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
@@ -283,8 +282,6 @@ class PeftModel(nn.Module):
             save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers)
 
     def _wraps_conv1d(self, adapter_name: str) -> bool:
-        from lorakit.layers.kinds import HFConv1DKind
-
         return any(
             isinstance(layer.kind, HFConv1DKind) and adapter_name in layer.r
             for _, layer in self.base_model.lora_layers()
