@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.config import TASK_HEADS, LoraConfig, PeftType, TaskType
-from lorakit.errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, suggest
+from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
 from lorakit.layers.kinds import HFConv1DKind
 from lorakit.persistence import load_adapter_state, read_adapter_weights, save_adapter
 from lorakit.tuner import LoraModel
@@ -132,11 +132,7 @@ class PeftModel(nn.Module):
             self.base_model.active_adapters = []
 
     def _check_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise AdapterNotFoundError(
-                f"unknown adapter {adapter_name!r}; this model holds {sorted(self.peft_config)}"
-                + suggest(adapter_name, self.peft_config)
-            )
+        self.base_model._check_adapter(adapter_name)  # the same dict: one message, one place
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -137,11 +137,8 @@ def save_adapter(
     if not os.access(directory, os.W_OK):
         raise AdapterFileError(f"adapter folder {directory!r} is not writable")
     tensors = adapter_tensors(lora_model, adapter_name, save_embedding_layers)
-    if (
-        save_embedding_layers == "auto"
-        and len(tensors) > len(required_keys(lora_model, adapter_name))
-        and any(k.endswith("base_layer.weight") for k in tensors)
-    ):
+    # Only embedding base weights end in "base_layer.weight"; adapter factors end in "lora_A.weight" etc.
+    if save_embedding_layers == "auto" and any(k.endswith("base_layer.weight") for k in tensors):
         warnings.warn(
             "an embedding layer is adapted, so its base weight is saved with the adapter (as PEFT does, for "
             "resized vocabularies); pass save_embedding_layers=False to save only the adapter",
