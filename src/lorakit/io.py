@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from lorakit.errors import AdapterFileError
 
@@ -61,6 +63,38 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
 
     atomic_write_files({os.fspath(path): write})
+
+
+def atomic_write_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Create or replace the folder ``target`` with what ``fill`` writes into a fresh temporary folder.
+
+    ``fill`` writes into a hidden sibling of ``target``; only when it returns is that folder moved into place.
+    An existing ``target`` is first renamed aside and deleted only after the new one is in place, so at every
+    moment either the old or the new complete folder exists on disk. If ``fill`` raises (or the process dies),
+    ``target`` is untouched and the temporary folder is removed (or left hidden, never under ``target``'s name).
+    """
+    target = Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync_path(os.path.join(root, name))
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_path(str(target.parent))
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import UnsupportedModuleError
+from lorakit.layers.fused import LoraLinearFunction
 
 if TYPE_CHECKING:
     from lorakit.layers.lora import LoraLayer
@@ -94,6 +95,10 @@ class LayerKind:
         """``result + s · B A dropout(x)`` for one adapter."""
         raise NotImplementedError
 
+    def fused_forward(self, layer: LoraLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """``base(x) + s · B A x`` in one fused kernel when that is exactly equivalent, else ``None``."""
+        return None
+
 
 class LinearKind(LayerKind):
     """``nn.Linear``: y = x Wᵀ + b with W ``(out, in)``."""
@@ -122,6 +127,31 @@ class LinearKind(LayerKind):
             out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
             return out.view(result.shape)
         return _add_scaled(result, F.linear(h, b), scaling)
+
+    def fused_forward(self, layer: LoraLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The training fast path (:mod:`lorakit.layers.fused`), taken only where it equals the generic one."""
+        base = layer.base_layer
+        if type(base) is not nn.Linear or not torch.is_grad_enabled() or x.dim() < 2:
+            return None  # subclasses (quantized linears) have their own forward; eval needs no backward
+        if base._forward_hooks or base._forward_pre_hooks or _global_hooks_set():
+            return None
+        dropout = layer.lora_dropout[adapter]
+        if dropout.training and not isinstance(dropout, nn.Identity) and dropout.p > 0:
+            return None
+        a = layer.lora_A[adapter].weight
+        b = layer.lora_B[adapter].weight
+        w = base.weight
+        if not (x.dtype == w.dtype == a.dtype == b.dtype) or torch.is_autocast_enabled(x.device.type):
+            return None
+        if not (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad):
+            return None
+        return LoraLinearFunction.apply(x, w, base.bias, a, b, layer.scaling[adapter])
+
+
+def _global_hooks_set() -> bool:
+    """Whether ``nn.modules.module.register_module_forward_(pre_)hook`` hooks exist (they must see the base)."""
+    mod = nn.modules.module
+    return bool(getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None))
 
 
 class HFConv1DKind(LinearKind):

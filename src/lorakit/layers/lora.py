@@ -206,12 +206,16 @@ class LoraLayer(AdapterLayer):
     # -- forward --------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
-        for adapter in self.active_adapters:
-            if adapter not in self.merged_adapters:
-                result = self.kind.add_output(self, adapter, x, result)
+            return self.base_layer(x, *args, **kwargs)
+        pending = [a for a in self.active_adapters if a not in self.merged_adapters]
+        if len(pending) == 1 and not args and not kwargs:
+            fused = self.kind.fused_forward(self, pending[0], x)
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in pending:
+            result = self.kind.add_output(self, adapter, x, result)
         return result
 
     def extra_repr(self) -> str:

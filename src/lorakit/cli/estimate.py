@@ -1,0 +1,364 @@
+"""``lorakit estimate``: trainable parameters and training memory from a model config alone (no weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  # LLaMA-2-7B, LoRA r=8 on every linear layer: exact counts, full FT vs LoRA vs QLoRA memory
+  lorakit estimate llama-2-7b
+
+  # the seed document's figures recomputed exactly (4096x4096 at r=8; LLaMA-7B counts; NF4 ~4 GB)
+  lorakit estimate --seed-check
+
+  # one layer: r(d+k) vs d*k
+  lorakit estimate --layer 4096x4096 --r 8
+
+  # any config.json or model folder; only q and v at r=16, layers 0-3, 8-bit AdamW, batch 4 x 2048 tokens
+  lorakit estimate path/to/config.json --targets q_proj v_proj --r 16 --layers 0 1 2 3 --optim adamw8bit \\
+      --batch-size 4 --seq-len 2048 --gradient-checkpointing
+
+  # an existing adapter_config.json (PEFT or lorakit), machine-readable output
+  lorakit estimate mistral-7b --adapter-config runs/dates/adapter_config.json --json
+
+Inputs: a preset (listed above), a config.json, a model folder, a hub id already in the local Hugging Face
+cache, or nothing (the default SmolLM2-135M-Instruct). The model is built on PyTorch's meta device: exact
+shapes, no weights, no download. Memory is in GiB (2^30 bytes); every assumption is printed with the table.
+"""
+
+_REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
+_TASKS = ["CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION"]
+
+
+def _layer(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[x×*,]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer shape; write DxK, e.g. 4096x4096")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _pattern(text: str) -> tuple[str, int]:
+    key, sep, value = text.rpartition("=")
+    if not sep or not key or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=RANK, e.g. q_proj=16 or 'layers\\.0\\..*=4'")
+    return key, int(value)
+
+
+def add_parser(sub: Any) -> None:
+    from lorakit.estimate import PRESETS
+
+    p = sub.add_parser(
+        "estimate",
+        help="trainable parameters and training memory (full FT vs LoRA vs QLoRA) from a config alone",
+        description=textwrap.fill(
+            "Exact LoRA parameter counts and a training-memory table for full fine-tuning, LoRA and QLoRA (NF4), "
+            "computed from a model config without loading weights. Presets: " + ", ".join(PRESETS) + ".",
+            width=100,
+            break_on_hyphens=False,
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    S = argparse.SUPPRESS  # a LoRA flag not given leaves --adapter-config's (or LoraConfig's) value in place
+    p.add_argument("source", nargs="?", help="preset, config.json, model folder or cached hub id (default: SmolLM2)")
+    p.add_argument("--model", dest="model_opt", metavar="SOURCE", help="the same as the positional SOURCE")
+    p.add_argument(
+        "--arch", metavar="CLASS", help="transformers model class to build, e.g. LlamaForSequenceClassification"
+    )
+    p.add_argument("--task", choices=_TASKS, default=S, help="task type: picks the model class and trained heads")
+    g = p.add_argument_group("LoRA (the same meaning as LoraConfig's fields)")
+    g.add_argument("--r", "-r", type=int, default=S, help="rank (8)")
+    g.add_argument(
+        "--targets",
+        dest="target_modules",
+        metavar="NAME",
+        nargs="+",
+        default=S,
+        help="module names (q_proj v_proj ... or comma-separated), one regex, all-linear (the default), or "
+        "'default' for the architecture's default (q_proj, v_proj on LLaMA)",
+    )
+    g.add_argument(
+        "--exclude", dest="exclude_modules", metavar="NAME", nargs="+", default=S, help="module names never adapted"
+    )
+    g.add_argument(
+        "--layers", dest="layers_to_transform", metavar="N", type=int, nargs="+", default=S, help="layer indices only"
+    )
+    g.add_argument(
+        "--layers-pattern", dest="layers_pattern", metavar="NAME", default=S, help="name of the layer list, e.g. layers"
+    )
+    g.add_argument(
+        "--rank-pattern",
+        dest="rank_pattern",
+        metavar="NAME=RANK",
+        type=_pattern,
+        nargs="+",
+        default=S,
+        help="per-module ranks overriding --r",
+    )
+    g.add_argument(
+        "--modules-to-save", dest="modules_to_save", metavar="NAME", nargs="+", default=S, help="fully trained modules"
+    )
+    g.add_argument("--bias", choices=["none", "all", "lora_only"], default=S, help="trainable biases (none)")
+    g.add_argument(
+        "--adapter-config",
+        dest="adapter_config",
+        metavar="FILE",
+        help="read the LoRA settings from adapter_config.json",
+    )
+    g = p.add_argument_group("memory")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype (bf16)")
+    g.add_argument("--optim", choices=["adamw", "adamw8bit", "sgd"], default="adamw", help="optimizer (adamw)")
+    g.add_argument(
+        "--no-master-weights",
+        dest="master_weights",
+        action="store_false",
+        help="full FT in bf16/fp16 without an fp32 master copy of the weights (counted by default)",
+    )
+    g.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="QLoRA without double quant")
+    g.add_argument("--batch-size", metavar="N", type=int, default=1, help="sequences per step, for activations (1)")
+    g.add_argument("--seq-len", metavar="N", type=int, default=512, help="tokens per sequence, for activations (512)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="activations with checkpointing")
+    g = p.add_argument_group("other modes and output")
+    g.add_argument("--layer", type=_layer, metavar="DxK", help="only compare one DxK weight: r(d+k) vs d*k")
+    g.add_argument("--seed-check", action="store_true", help="recompute the seed document's figures")
+    g.add_argument("--json", nargs="?", const="-", metavar="FILE", help="JSON to FILE (or to stdout instead of text)")
+    p.set_defaults(run=run)
+
+
+def lora_config(args: argparse.Namespace) -> Any:
+    """The :class:`~lorakit.LoraConfig` the flags describe (flags override ``--adapter-config``)."""
+    from lorakit.config import LoraConfig
+
+    fields = (
+        "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern"
+    ).split()
+    given = {f: getattr(args, f) for f in fields if hasattr(args, f)}
+    if hasattr(args, "task"):
+        given["task_type"] = args.task
+    if "rank_pattern" in given:
+        given["rank_pattern"] = dict(given["rank_pattern"])
+    if "target_modules" in given:
+        given["target_modules"] = _targets(given["target_modules"])
+    if args.adapter_config:
+        return LoraConfig.from_pretrained(args.adapter_config, **given)
+    given.setdefault("target_modules", "all-linear")
+    return LoraConfig(**given)
+
+
+def _targets(values: list[str]) -> list[str] | str | None:
+    if len(values) == 1 and values[0] in ("all-linear", "default"):
+        return None if values[0] == "default" else "all-linear"
+    if len(values) == 1 and _REGEX_CHARS.search(values[0]):
+        return values[0]
+    return [name for v in values for name in v.split(",") if name]
+
+
+def collect(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``lorakit estimate`` reports, as a JSON-ready dict (sizes in parameters, memory in bytes)."""
+    import lorakit.estimate as E
+    from lorakit.targeting import resolve_target_modules
+
+    if args.layer:
+        return {"layer": E.layer_comparison(*args.layer, getattr(args, "r", 8))}
+    if args.seed_check:
+        return {"seed_check": E.seed_check(getattr(args, "r", 8))}
+    config = lora_config(args)
+    model_config, origin = E.load_model_config(args.model_opt or args.source)
+    model = E.build_meta_model(model_config, args.arch, config.task_type)
+    est = E.count_parameters(model, config)
+    setup = E.TrainingSetup(
+        dtype=args.dtype,
+        optim=args.optim,
+        master_weights=args.master_weights,
+        double_quant=args.double_quant,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    memory = E.estimate_memory(est, model_config, setup)
+    quantized = sum(est.quantized_sizes)
+    return {
+        "model": {
+            "source": args.model_opt or args.source or "default",
+            "origin": origin,
+            "class": est.model_class,
+            "model_type": model_config.model_type,
+            "total_params": est.total,
+        },
+        "lora": {
+            "config": {k: v for k, v in config.to_dict().items() if v not in (None, [], {}, False)},
+            "target_modules": resolve_target_modules(model, config),
+            "modules": len(est.modules),
+            "groups": [
+                {"name": n, "kind": kind, "in": k, "out": d, "r": r, "count": c, "params_each": each}
+                for n, kind, k, d, r, each, c in est.groups()
+            ],
+            "adapter_params": est.adapter,
+            "modules_to_save_params": est.modules_to_save,
+            "bias_params": est.bias,
+            "trainable_params": est.trainable,
+            "lm_head": est.lm_head,
+        },
+        "memory": {mode: {**vars(b), "model_states": b.model_states, "total": b.total} for mode, b in memory.items()},
+        "qlora": {
+            "quantized_params": quantized,
+            "quantized_bytes": sum(E.nf4_bytes(n, double_quant=setup.double_quant) for n in est.quantized_sizes),
+            "unquantized_params": est.total - quantized,
+        },
+        "setup": vars(setup),
+        "activation_sizes": E.activation_sizes(model_config),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    result = collect(args)
+    if args.json == "-":
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2, default=str)
+            fh.write("\n")
+    if "layer" in result:
+        print_layer(result["layer"])
+    elif "seed_check" in result:
+        print_seed_check(result["seed_check"])
+    else:
+        print_estimate(result)
+    return 0
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:,.2f}"
+
+
+def print_layer(layer: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
+    d, k, r = layer["d"], layer["k"], layer["r"]
+    print(f"layer {d} x {k}: full fine-tuning trains d*k = {layer['full']:,} values", file=out)
+    print(f"LoRA r={r}: r*(d+k) = {r}*({d}+{k}) = {layer['lora']:,} values", file=out)
+    if layer["ratio"] >= 1:
+        print(f"-> {layer['ratio']:,.4g}x fewer ({100 / layer['ratio']:.4g}% of the full count)", file=out)
+    else:  # r > d·k / (d + k): the factors hold more values than the matrix
+        print(f"-> {1 / layer['ratio']:,.4g}x MORE than the full matrix: r={r} is too large for it", file=out)
+
+
+def print_estimate(res: dict[str, Any]) -> None:
+    m, lora, mem, setup = res["model"], res["lora"], res["memory"], res["setup"]
+    total = m["total_params"]
+    print(f"model       {m['source']}: {m['class']} (model_type {m['model_type']}); from {m['origin']}")
+    print(f"parameters  {total:,} in the base model (tied weights counted once; no weights were read)")
+    cfg = lora["config"]
+    targets = lora["target_modules"]
+    shown = f"{targets!r}" + ("" if "target_modules" in cfg else " (the architecture's default)")
+    print(f"\nLoRA r={cfg['r']}, target_modules={shown} -> {lora['modules']} modules")
+    print(f"  {'module':<16} {'kind':<10} {'k (in)':>8} {'d (out)':>8} {'r':>4} {'count':>6} {'r(k+d) each':>13}")
+    for g in lora["groups"]:
+        print(
+            f"  {g['name']:<16} {g['kind']:<10} {g['in']:>8} {g['out']:>8} {g['r']:>4} "
+            f"{'x' + str(g['count']):>6} {g['params_each']:>13,}"
+        )
+    if any(g["kind"] == "conv" for g in lora["groups"]):
+        print("  (convolutions: A has r*k*kernel values, not r*k)")
+    labels = {"modules_to_save_params": "in modules_to_save copies", "bias_params": "in trainable biases"}
+    extra = [f"{lora[k]:,} {label}" for k, label in labels.items() if lora[k]]
+    if extra:
+        print(f"  adapter     {lora['adapter_params']:,}" + "".join(f" + {e}" for e in extra))
+    trainable = lora["trainable_params"]
+    print(
+        f"  trainable   {trainable:,} = {100 * trainable / total:.4f}% of {total:,} "
+        f"(full fine-tuning trains {total / trainable:,.1f}x more)"
+    )
+
+    dtype, e = setup["dtype"], {"fp32": 4, "bf16": 2, "fp16": 2}[setup["dtype"]]
+    print(f"\nTraining memory (GiB = 2^30 bytes)   {'full FT':>10} {'LoRA':>10} {'QLoRA':>10}")
+    rows = [
+        ("weights", "weights"),
+        ("fp32 master weights", "master_weights"),
+        ("gradients", "gradients"),
+        (f"optimizer state ({setup['optim']})", "optimizer"),
+        ("= model states", "model_states"),
+        ("activations (rough estimate*)", "activations"),
+        ("= total", "total"),
+    ]
+    for label, key in rows:
+        print(f"  {label:<34} " + " ".join(f"{_gib(mem[mode][key]):>10}" for mode in ("full", "lora", "qlora")))
+
+    q = res["qlora"]
+    optim = {
+        "adamw": "AdamW, two fp32 moments per trainable parameter (8 bytes)",
+        "adamw8bit": "8-bit AdamW (bitsandbytes): two 1-byte states + an fp32 absmax per 256 values "
+        "(fp32 states for tensors under 4096 values)",
+        "sgd": "plain SGD without momentum: no state",
+    }[setup["optim"]]
+    master = (
+        "no master copy needed (the weights are fp32)"
+        if e == 4
+        else "an fp32 master copy of every weight is counted (mixed precision)"
+        if setup["master_weights"]
+        else "no fp32 master copy (--no-master-weights)"
+    )
+    dq = "double quantization (8-bit constants, an fp32 one per 256 blocks: ~0.127 bits/param)"
+    dq = dq if setup["double_quant"] else "fp32 block constants (0.5 bits/param; --no-double-quant)"
+    act = (
+        f"batch {setup['batch_size']} x {setup['seq_len']} tokens, gradient checkpointing "
+        f"{'on' if setup['gradient_checkpointing'] else 'off'}, {dtype} activations; per token and layer "
+        "6h + 2h_kv + 4i values (LLaMA-style decoder, SDPA/flash attention)"
+        + (" + vocabulary logits" if res["lora"]["lm_head"] else "")
+    )
+    if res["activation_sizes"] is None:
+        act = "not estimated: the config lacks hidden_size/num_hidden_layers/num_attention_heads/vocab_size"
+    notes = [
+        f"full FT: weights and gradients in {dtype}; {master}",
+        f"LoRA/QLoRA: frozen base in {dtype}; adapter factors, their gradients and optimizer states in fp32 "
+        f"(lorakit's default, also on a 16-bit base); modules_to_save copies and trainable biases in {dtype}",
+        f"QLoRA: {q['quantized_params']:,} Linear weights in NF4 (4 bits, blocks of 64) with {dq}: "
+        f"{_gib(q['quantized_bytes'])} GiB; the other {q['unquantized_params']:,} parameters (embeddings, norms, "
+        f"biases, output head: transformers does not quantize them) in {dtype}",
+        f"optimizer: {optim}",
+        f"*activations: {act}; a formula, not a measurement (see lorakit.estimate.activation_bytes)",
+        "not included: CUDA context and allocator overhead (~0.5-1 GiB), temporary buffers (4-bit dequantization, "
+        "attention workspaces), the data batch",
+    ]
+    print("\nAssumptions")
+    for note in notes:
+        print(textwrap.fill(note, width=110, initial_indent="  - ", subsequent_indent="    "))
+
+
+def print_seed_check(s: dict[str, Any]) -> None:
+    gb = 1e9
+    layer, nf4, counts, r = s["layer"], s["nf4"], s["counts"], s["r"]
+    print(f"The seed document's figures, recomputed exactly (LLaMA-7B = preset llama-7b, no weights; r={r})\n")
+    print("§2 one 4096 x 4096 layer (seed: 16,777,216 vs 65,536, 256x fewer)")
+    print_layer(layer)
+    print(f"\n§4.1 LoRA parameters of LLaMA-7B ({s['total']:,} parameters) at r={r}:")
+    for label, n in counts.items():
+        print(f"  {label:<28} {n:>12,}")
+    seven = counts["q, k, v, o, gate, up, down"]
+    ranks = s["ranks_in_seed_range"]
+    print(
+        f'  The seed says "~4-8M" for Q, K, V, O and the MLP: the exact count is {seven:,} ({seven / 1e6:.1f}M).\n'
+        f"  4-8M fits q,v ({counts['q_proj, v_proj'] / 1e6:.2f}M) up to q,k,v,o ({counts['q, k, v, o'] / 1e6:.2f}M)"
+        f" at r={r}" + (f", or all seven projections at r={' or '.join(map(str, ranks))}" if ranks else "") + "."
+    )
+    print(f"  Ratio: {s['total']:,} / {seven:,} = {s['ratio_all_seven']:.0f}x fewer (the seed's ~875x is 7B / 8M)")
+    full, lora = s["fp32_full_model_states"], s["fp32_lora_model_states"]
+    print("\n§4.2 fp32 weights + gradients + AdamW (2 fp32 moments), activations excluded:")
+    print(f"  full fine-tuning  {full / gb:6.1f} GB ({_gib(full)} GiB)   seed: ~112 GB (7B x 16 bytes)")
+    print(f"  LoRA (7 proj.)    {lora / gb:6.1f} GB ({_gib(lora)} GiB)   seed: ~28.1 GB")
+    print("\n§5.1 QLoRA: LLaMA-7B base weights in NF4 with double quantization (seed: ~4 GB)")
+    print(f"  {nf4['quantized_params']:,} Linear weights: {nf4['nf4_data_bytes'] / gb:.3f} GB of 4-bit data")
+    print(f"    + {nf4['double_quant_constant_bytes'] / gb:.3f} GB of block constants (double quantization)")
+    print(f"  embeddings, norms and output head in bf16: {nf4['bf16_rest_bytes'] / gb:.3f} GB")
+    w = nf4["weights_bytes"]
+    print(f"  = {w / gb:.2f} GB ({_gib(w)} GiB) of base weights")
+    print(f"  (without double quantization: {nf4['weights_bytes_no_double_quant'] / gb:.2f} GB)")
+    states = nf4["qlora_model_states_bytes"]
+    print(f"  + the r={r} adapter (fp32 weights, gradients, AdamW) = {states / gb:.2f} GB ({_gib(states)} GiB);")
+    print("  activations and CUDA overhead come on top (`lorakit estimate llama-7b` estimates the activations).")

@@ -1,0 +1,120 @@
+"""``lorakit train``: fine-tune a causal LM with LoRA on prompt/completion or chat data."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  # the demo: SmolLM2-135M-Instruct learns the bundled dates -> ISO 8601 task (a few minutes on 2 CPU cores)
+  lorakit train --output runs/dates
+
+  # your data (JSONL/JSON/CSV/parquet with prompt/completion or chat messages), all linear layers, r=16
+  lorakit train --data train.jsonl --eval-data eval.jsonl --targets all-linear --r 16 --alpha 32 -o runs/mine
+
+  # settings from a YAML file; flags override it
+  lorakit train --config run.yaml --lr 5e-4
+
+  # continue an interrupted run (Ctrl-C writes a checkpoint) to the same result
+  lorakit train --output runs/dates --resume
+
+  # two processes (DDP; gloo on CPU, nccl on GPUs): the same adapter as one process at the same global batch
+  torchrun --nproc_per_node 2 -m lorakit train --batch-size 4 --output runs/ddp
+
+The global batch per optimizer step is batch-size x grad-accum x number of processes.
+Writes into --output: adapter_config.json + adapter_model.safetensors (PEFT format), metrics.json, loss.png,
+checkpoints/step-N/ (adapter, optimizer, scheduler and RNG state).
+"""
+
+_REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model with LoRA",
+        description="Fine-tune a causal language model with LoRA. The loss covers completion tokens only.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    S = argparse.SUPPRESS  # a flag not given leaves the YAML file's or the built-in value in place
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=S, help="model folder or cached hub id (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--data", default=S, help="training data file, or 'dates' (the bundled task; the default)")
+    g.add_argument("--eval-data", dest="eval_data", default=S, help="held-out file for exact-match eval")
+    g.add_argument("--output", "-o", default=S, help="output folder (default: lorakit-output)")
+    g.add_argument("--config", default=None, help="YAML file of settings (same names as the flags)")
+    g.add_argument("--max-length", dest="max_length", type=int, default=S, help="max tokens per example (64)")
+    g.add_argument("--overflow", choices=["truncate", "drop"], default=S, help="longer examples (truncate)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument(
+        "--method", choices=["lora", "full"], default=S, help="lora (default), or full fine-tuning as a baseline"
+    )
+    g.add_argument("--r", "--rank", dest="r", type=int, default=S, help="rank (8); spell it --rank after torchrun")
+    g.add_argument("--alpha", dest="lora_alpha", type=float, default=S, help="lora_alpha; scaling = alpha/r (16)")
+    g.add_argument("--dropout", dest="lora_dropout", type=float, default=S, help="dropout on the adapter input (0)")
+    g.add_argument(
+        "--targets",
+        dest="target_modules",
+        nargs="+",
+        default=S,
+        help="module names (q_proj v_proj ... or comma-separated), a regex, or all-linear "
+        "(default: q,k,v,o,gate,up,down projections)",
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", dest="learning_rate", type=float, default=S, help="peak learning rate (1e-3)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="AdamW weight decay (0)")
+    g.add_argument("--epochs", type=float, default=S, help="passes over the data (1)")
+    g.add_argument("--max-steps", dest="max_steps", type=int, default=S, help="optimizer steps; overrides --epochs")
+    g.add_argument(
+        "--batch-size", dest="batch_size", type=int, default=S, help="examples per process per micro-batch (8)"
+    )
+    g.add_argument("--grad-accum", dest="grad_accum", type=int, default=S, help="micro-batches per step (1)")
+    g.add_argument(
+        "--scheduler", choices=["linear", "cosine", "constant", "constant_with_warmup"], default=S, help="(cosine)"
+    )
+    g.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=S, help="(0)")
+    g.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=S, help="gradient clipping (1.0)")
+    g.add_argument("--seed", type=int, default=S, help="(0)")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N (auto)")
+    g = p.add_argument_group("checkpoints and eval")
+    g.add_argument("--save-every", dest="save_every", type=int, default=S, help="checkpoint every N steps (50)")
+    g.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=S, help="newest kept (2)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=S,
+        help="continue from the newest checkpoint in --output, or from the checkpoint folder given",
+    )
+    g.add_argument("--overwrite", action="store_true", default=S, help="replace an adapter already in --output")
+    g.add_argument("--eval-limit", dest="eval_limit", type=int, default=S, help="eval rows used (100)")
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=S, help="eval generation length (16)")
+    g.add_argument("--samples", type=int, default=S, help="sample generations printed (4)")
+    g.add_argument("--skip-eval", dest="skip_eval", action="store_true", default=S, help="no before/after eval")
+    g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def parse_targets(values: list[str]) -> list[str] | str:
+    """``["q_proj", "v_proj"]`` / ``["q_proj,v_proj"]`` -> list; ``["all-linear"]`` or one regex -> str."""
+    items = [v for value in values for v in value.split(",") if v]
+    if len(items) == 1 and (items[0] == "all-linear" or _REGEX_CHARS.search(items[0])):
+        return items[0]
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.training.config import TrainConfig
+    from lorakit.training.trainer import train
+
+    overrides = {
+        k: v for k, v in vars(args).items() if k not in ("command", "run", "config", "no_progress") and v is not None
+    }
+    if "target_modules" in overrides:
+        overrides["target_modules"] = parse_targets(overrides["target_modules"])
+    cfg = TrainConfig.from_sources(args.config, overrides)
+    result = train(cfg, progress=not args.no_progress)
+    return 130 if result.interrupted else 0

@@ -1,0 +1,149 @@
+"""``TrainConfig``: every setting of a ``lorakit train`` run, validated, loadable from YAML.
+
+Precedence when the CLI builds one: built-in defaults < ``--config file.yaml`` < command-line flags.
+The YAML file uses the same names as the fields below (``lora_alpha`` or the flag spelling ``alpha``;
+dashes or underscores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import ConfigError, suggest
+
+METHODS = ("lora", "full")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OVERFLOW = ("truncate", "drop")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Flag spellings accepted in YAML files as aliases of field names.
+ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules", "lr": "learning_rate"}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (defaults: the bundled demo in a few minutes on 2 CPU cores)."""
+
+    model: str | None = None  #: model folder, cached hub id, or None for the embedded SmolLM2-135M-Instruct
+    data: str | None = None  #: training file, or None for the bundled ``dates`` task
+    eval_data: str | None = None  #: held-out file for exact-match eval (default: the bundled eval split)
+    output: str = "lorakit-output"
+    method: str = "lora"  #: "lora", or "full" (every weight trains: the baseline of benchmarks/bench_quality.py)
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None  #: overrides ``epochs`` when set
+    batch_size: int = 8  #: examples per process per micro-batch
+    grad_accum: int = 1
+    max_length: int = 64
+    overflow: str = "truncate"  #: what to do with examples longer than ``max_length``: truncate or drop
+    seed: int = 0
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    save_every: int = 50  #: checkpoint every N optimizer steps (0: only on Ctrl-C)
+    keep_checkpoints: int = 2
+    eval_limit: int | None = 100  #: eval rows used for before/after exact match (None: all)
+    eval_batch_size: int = 100
+    max_new_tokens: int = 16
+    samples: int = 4  #: sample generations printed after training
+    skip_eval: bool = False
+    device: str = "auto"
+    overwrite: bool = False
+    resume: str | None = None  #: "latest" or a checkpoint folder
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        def positive(name: str, value: Any, allow_zero: bool = False) -> None:
+            if value is None:
+                return
+            ok = value >= 0 if allow_zero else value > 0
+            if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+        for name in ("r", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+            positive(name, getattr(self, name))
+        positive("lora_alpha", self.lora_alpha)
+        positive("learning_rate", self.learning_rate)
+        positive("epochs", self.epochs)
+        positive("max_steps", self.max_steps)
+        positive("eval_limit", self.eval_limit)
+        positive("max_grad_norm", self.max_grad_norm)
+        for name in ("weight_decay", "warmup_steps", "save_every", "keep_checkpoints", "samples"):
+            positive(name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"scheduler {self.scheduler!r} is not one of {SCHEDULERS}" + suggest(self.scheduler, SCHEDULERS)
+            )
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {METHODS}" + suggest(str(self.method), METHODS))
+        if self.overflow not in OVERFLOW:
+            raise ConfigError(f"overflow {self.overflow!r} is not one of {OVERFLOW}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules is empty; give module names, a regex, or 'all-linear'")
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_sources(cls, yaml_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Defaults, then the YAML file's values, then ``overrides`` (the flags the user actually gave).
+
+        Raises:
+            ConfigError: unreadable YAML, a key that is not a setting (with did-you-mean), a wrong type.
+        """
+        values: dict[str, Any] = {}
+        if yaml_file is not None:
+            values.update(_read_yaml(Path(yaml_file)))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a value of the wrong type reached a comparison
+            raise ConfigError(f"invalid training setting: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--config {path}: no such file") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path}: not a readable YAML file: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting: value, got {type(loaded).__name__}")
+    names = TrainConfig.field_names()
+    out = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        name = ALIASES.get(name, name)
+        if name not in names:
+            raise ConfigError(
+                f"--config {path}: unknown setting {key!r}" + suggest(name, [*names, *ALIASES]) + f"; settings: {names}"
+            )
+        out[name] = value
+    return out

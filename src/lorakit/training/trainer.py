@@ -1,0 +1,444 @@
+"""The training loop behind ``lorakit train``: LoRA on a causal LM, completion-only loss, exact resume, DDP.
+
+One optimizer step consumes a *global batch* of ``G = batch_size × grad_accum × world_size`` examples:
+epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``; step ``k`` of the epoch takes
+positions ``[kG, (k+1)G)`` (the last incomplete batch of an epoch is skipped), and micro-batch ``j`` of
+process ``p`` takes the slice ``[(j·world + p)·B, ... + B)`` of it.
+
+The loss is the mean cross-entropy over *every supervised token of the global batch* (not a mean of
+micro-batch means): each micro-batch contributes ``Σ token losses / N_global``. So the gradient does not
+depend on how the batch is split across micro-batches or processes, and ``torchrun --nproc_per_node 2``
+with ``--batch-size 2`` gives the adapter one process with ``--batch-size 4`` gives (up to float summation
+order). Under DDP the gradient all-reduce averages over processes, so each process scales its loss by
+``world_size`` to turn that average back into the sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.config import LoraConfig, TaskType
+from lorakit.errors import AdapterFileError, ConfigError, DataError
+from lorakit.hub import load_model
+from lorakit.io import atomic_write_dir
+from lorakit.model import get_peft_model
+from lorakit.training import checkpoint as ckpt
+from lorakit.training import distributed as dist_utils
+from lorakit.training.config import TrainConfig
+from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
+from lorakit.training.evaluate import exact_match
+from lorakit.training.report import plot_loss, side_by_side, write_metrics
+
+#: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
+RESUME_KEYS = [
+    "model", "method", "data", "r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "weight_decay",
+    "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm", "total_steps",
+]  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag checked between optimizer steps; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+def prepare_output(cfg: TrainConfig) -> Path:
+    """Create ``cfg.output`` and check it is writable; refuse to clobber an adapter unless asked.
+
+    Raises:
+        AdapterFileError: the folder cannot be created or written, or it holds an adapter and neither
+            ``overwrite`` nor ``resume`` was given.
+    """
+    out = Path(cfg.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"--output {out} is a file; give a folder")
+    if (out / "adapter_config.json").exists() and not (cfg.overwrite or cfg.resume):
+        raise AdapterFileError(
+            f"--output {out} already holds an adapter; pass --overwrite to replace it (it is replaced only "
+            f"when the new one is complete), --resume to continue its run, or choose another folder"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lorakit-write-test", "w") as fh:
+            fh.write("ok")
+        (out / ".lorakit-write-test").unlink()
+    except OSError as exc:
+        raise AdapterFileError(f"--output {out} is not writable: {exc.strerror or exc}") from exc
+    return out
+
+
+class Trainer:
+    """Runs one :class:`TrainConfig`. ``log`` receives human-readable lines (rank 0 only)."""
+
+    def __init__(self, cfg: TrainConfig, log: Any = print, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.world = dist_utils.setup(cfg.device)
+        self._log = log
+        self.progress = progress
+
+    def log(self, text: str) -> None:
+        if self.world.is_main:
+            self._log(text)
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        cfg, world = self.cfg, self.world
+        self.output = prepare_output(cfg) if world.is_main else Path(cfg.output).expanduser()
+        dist_utils.barrier(world)
+        seed_everything(cfg.seed)
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(cfg.model)
+        self.tokenizer = tokenizer
+        self.log(
+            f"model: {getattr(model.config, '_name_or_path', cfg.model)} ({time.perf_counter() - t0:.1f} s to load)"
+        )
+
+        self.train_path = resolve_data(cfg.data, "train")
+        self.train_set, self.data_report = build_dataset(self.train_path, tokenizer, cfg.max_length, cfg.overflow)
+        self.log(f"data: {self.data_report.summary()}")
+        self.eval_set = []
+        if cfg.skip_eval:
+            pass
+        elif cfg.eval_data is not None:
+            self.eval_set = eval_pairs(resolve_data(cfg.eval_data, "eval"))
+        elif _is_bundled(cfg.data):
+            self.eval_set = eval_pairs(resolve_data(cfg.data, "eval"))
+        else:
+            self.log("no --eval-data given: skipping the exact-match evaluation")
+        if cfg.eval_limit is not None:
+            self.eval_set = self.eval_set[: cfg.eval_limit]
+
+        if cfg.method == "full":  # the baseline LoRA is compared against: every weight trains
+            self.model = model.to(world.device)
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            trainable = total = sum(p.numel() for p in self.model.parameters())
+            self.log(f"full fine-tuning: {total:,} trainable parameters")
+        else:
+            lora = LoraConfig(
+                r=cfg.r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.target_modules,
+                task_type=TaskType.CAUSAL_LM,
+            )
+            self.model = get_peft_model(model, lora).to(world.device)
+            trainable, total = self.model.get_nb_trainable_parameters()
+            self.log(
+                f"LoRA r={cfg.r} alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} ({trainable / total:.3%})"
+            )
+        self.trainable, self.total = trainable, total
+        self.slice_logits = _supports_logit_mask(model)
+
+        self.global_batch = cfg.batch_size * cfg.grad_accum * world.size
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{self.train_path}: {len(self.train_set)} usable examples, fewer than one global batch of "
+                f"{self.global_batch} (batch size {cfg.batch_size} x grad accum {cfg.grad_accum} x {world.size} "
+                f"processes); lower --batch-size or --grad-accum, or add data"
+            )
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+
+        from transformers import get_scheduler
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, cfg.warmup_steps, self.total_steps)
+
+    def _facts(self) -> dict[str, Any]:
+        facts = {k: getattr(self.cfg, k) for k in RESUME_KEYS if hasattr(self.cfg, k)}
+        facts.update(global_batch=self.global_batch, total_steps=self.total_steps, data=str(self.train_path))
+        return facts
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _global_indices(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        perm = torch.randperm(len(self.train_set), generator=gen)
+        return perm[pos * self.global_batch : (pos + 1) * self.global_batch].tolist()
+
+    def _supervised_tokens(self, indices: list[int]) -> int:
+        # labels are shifted by one for next-token prediction: position 0 is never a target
+        return sum(sum(1 for t in self.train_set[i]["labels"][1:] if t != -100) for i in indices)
+
+    def _micro_batches(self, indices: list[int]) -> list[list[int]]:
+        b, w, r = self.cfg.batch_size, self.world.size, self.world.rank
+        return [indices[(j * w + r) * b : (j * w + r + 1) * b] for j in range(self.cfg.grad_accum)]
+
+    def _step(self, step: int, net: Any) -> tuple[float, int]:
+        """One optimizer step; returns (global mean loss, tokens processed by all processes)."""
+        indices = self._global_indices(step)
+        n_tok = self._supervised_tokens(indices)
+        loss_sum, tokens = 0.0, 0
+        micro = self._micro_batches(indices)
+        for j, part in enumerate(micro):
+            batch = collate([self.train_set[i] for i in part], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.world.device) for k, v in batch.items()}
+            sync = self.world.distributed and j < len(micro) - 1
+            with net.no_sync() if sync else contextlib.nullcontext():
+                loss = self._loss_sum(net, batch)
+                (loss * (self.world.size / max(n_tok, 1))).backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, tokens = dist_utils.all_sum(self.world, [loss_sum, float(tokens)])
+        return loss_sum / max(n_tok, 1), int(tokens)
+
+    def _loss_sum(self, net: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ cross-entropy over the supervised next-token targets of a micro-batch.
+
+        Only positions whose next token is supervised need logits. Where the model supports it (transformers'
+        ``logits_to_keep`` with a boolean mask), the output head runs on those positions alone — on the
+        bundled task 11 of ~46 per example, which saves most of the ``(tokens × vocabulary)`` head product and
+        its logits. The loss is the same sum either way.
+        """
+        targets = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.slice_logits:
+            keep = torch.zeros_like(batch["labels"], dtype=torch.bool)  # (B, T)
+            keep[:, :-1] = targets != -100
+            logits = net(**inputs, logits_to_keep=keep).logits  # (K, V), K = supervised positions
+            return F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum")
+        logits = net(**inputs).logits  # (B, T, V)
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
+        )
+
+    def _save_checkpoint(self, step: int, history: list[dict[str, Any]]) -> Path | None:
+        states = dist_utils.gather_objects(self.world, ckpt.rng_state())
+        path = None
+        if self.world.is_main:
+            info = {"settings": self._facts(), "history": history}
+            path = ckpt.save_checkpoint(
+                self.output, step, self.model, self.optimizer, self.scheduler, states, info, self.cfg.keep_checkpoints
+            )
+        dist_utils.barrier(self.world)
+        return path
+
+    def _resume(self) -> tuple[int, list[dict[str, Any]]]:
+        if self.cfg.method != "lora":
+            raise ConfigError("--resume is supported for LoRA runs; method 'full' is a baseline without resume")
+        folder = ckpt.find_resume_checkpoint(Path(self.cfg.output).expanduser(), self.cfg.resume)
+        state = ckpt.load_checkpoint(folder, self.model)
+        ckpt.check_compatible(state["info"]["settings"], self._facts(), RESUME_KEYS)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        if len(rng) != self.world.size:
+            raise ConfigError(
+                f"checkpoint {folder} was written by {len(rng)} processes; this run has {self.world.size}"
+            )
+        ckpt.set_rng_state(rng[self.world.rank])
+        self.log(f"resumed from {folder} at step {state['step']}")
+        return state["step"], list(state["info"].get("history", []))
+
+    def _evaluate(self, label: str) -> Any:
+        if not self.eval_set or not self.world.is_main:
+            return None
+        t0 = time.perf_counter()
+        result = exact_match(
+            self.model,
+            self.tokenizer,
+            self.eval_set,
+            max_new_tokens=self.cfg.max_new_tokens,
+            batch_size=self.cfg.eval_batch_size,
+        )
+        took = time.perf_counter() - t0
+        self.log(f"eval {label}: exact match {result.correct}/{result.total} = {result.accuracy:.1%} ({took:.0f} s)")
+        return result
+
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            dist_utils.teardown(self.world)
+
+    def _run(self) -> TrainResult:
+        cfg, world = self.cfg, self.world
+        self._load()
+        start, history = self._resume() if cfg.resume else (0, [])
+        if cfg.overwrite and not cfg.resume and world.is_main:
+            self._set_aside_old_checkpoints()
+
+        before = None
+        if self.eval_set:
+            with self.model.disable_adapter() if cfg.method == "lora" else contextlib.nullcontext():
+                before = self._evaluate("before training (base model)")
+        dist_utils.barrier(world)
+
+        net: Any = self.model
+        if world.distributed:
+            net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[world.device.index] if world.device.type == "cuda" else None
+            )
+        self.model.train()
+        bar = None
+        if world.is_main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=start, unit="step", dynamic_ncols=True, desc="train")
+        t_start = time.perf_counter()
+        interrupted, last_ckpt, step = False, None, start
+        with _StopFlag() as stop:
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                loss, tokens = self._step(step, net)
+                step += 1
+                dt = time.perf_counter() - t0
+                lr = self.scheduler.get_last_lr()[0]
+                history.append({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens / dt, "seconds": dt})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}", refresh=False)
+                    bar.update(1)
+                stop_now = dist_utils.all_sum(world, [float(stop.requested)])[0] > 0
+                if stop_now or (cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps):
+                    last_ckpt = self._save_checkpoint(step, history)
+                if stop_now:
+                    interrupted = True
+                    break
+        if bar is not None:
+            bar.close()
+        train_time = time.perf_counter() - t_start
+        self.model.eval()
+        if interrupted:
+            self.log(f"\ninterrupted at step {step}/{self.total_steps}; checkpoint saved in {last_ckpt}")
+            self.log(
+                f"continue with the same command plus --resume (it resumes from {last_ckpt.name if last_ckpt else '?'})"
+            )
+            return TrainResult(self.output, step, interrupted=True, checkpoint=last_ckpt)
+
+        if world.is_main:
+            self._save_final()
+        dist_utils.barrier(world)
+        after = self._evaluate("after training")
+        metrics = self._metrics(history, before, after, train_time, start)
+        if world.is_main:
+            write_metrics(self.output / "metrics.json", metrics)
+            plot_loss(
+                history, self.output / "loss.png", title=f"lorakit train: LoRA r={cfg.r} on {self.train_path.name}"
+            )
+            if before is not None and after is not None:
+                self.log("\n" + side_by_side(before, after, cfg.samples))
+            self.log(f"\nadapter: {self.output}/adapter_model.safetensors (+ adapter_config.json)")
+            self.log(f"metrics: {self.output}/metrics.json   loss curve: {self.output}/loss.png")
+        return TrainResult(self.output, step, metrics=metrics)
+
+    def _save_final(self) -> None:
+        if self.cfg.method == "lora":
+            self.model.save_pretrained(self.output)  # adapter files, each replaced atomically
+            return
+
+        def fill(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+        atomic_write_dir(self.output / "model", fill)
+
+    def _set_aside_old_checkpoints(self) -> None:
+        old = self.output / ckpt.CHECKPOINTS
+        if old.is_dir():
+            prev = self.output / f"{ckpt.CHECKPOINTS}.previous"
+            if prev.exists():
+                import shutil
+
+                shutil.rmtree(prev)
+            old.rename(prev)
+            self.log(f"--overwrite: the previous run's checkpoints moved to {prev}")
+
+    def _metrics(self, history, before, after, train_time, start) -> dict[str, Any]:
+        def ev(result: Any) -> dict[str, Any] | None:
+            if result is None:
+                return None
+            keys = ("accuracy", "correct", "total", "contains")
+            out = {k: getattr(result, k) for k in keys if hasattr(result, k)}
+            out["samples"] = result.samples[: max(self.cfg.samples, 0) * 4]
+            return out
+
+        tail = history[-max(1, len(history) // 10) :]
+        return {
+            "config": self.cfg.to_dict(),
+            "data": self.data_report.to_dict() if hasattr(self.data_report, "to_dict") else str(self.data_report),
+            "world_size": self.world.size,
+            "global_batch": self.global_batch,
+            "total_steps": self.total_steps,
+            "resumed_from_step": start or None,
+            "trainable_parameters": self.trainable,
+            "total_parameters": self.total,
+            "train_seconds_this_process": train_time,
+            "final_loss_mean_last_10pct": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+            "eval_before": ev(before),
+            "eval_after": ev(after),
+            "history": history,
+        }
+
+
+def _supports_logit_mask(model: Any) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` and this transformers slices by a boolean mask."""
+    import inspect
+
+    from transformers import modeling_utils
+
+    params = inspect.signature(model.forward).parameters
+    return "logits_to_keep" in params and hasattr(modeling_utils, "slice_logits_to_keep")
+
+
+def _is_bundled(spec: str | None) -> bool:
+    return spec is None or spec in BUNDLED or spec.startswith("bundled:")
+
+
+def train(cfg: TrainConfig, log: Any = print, progress: bool = True) -> TrainResult:
+    """Run :class:`Trainer` for ``cfg`` (see the module docstring for batching, loss and DDP semantics)."""
+    return Trainer(cfg, log=log, progress=progress).run()

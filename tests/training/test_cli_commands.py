@@ -1,0 +1,84 @@
+"""``lorakit inspect``, ``merge`` and ``generate`` on a tiny local model; ``--help`` of every command."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit.cli import COMMANDS, main
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, model_dir):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", model.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("command", [c.__name__.rsplit(".", 1)[-1] for c in COMMANDS])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_no_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_inspect(adapter_dir, capsys):
+    folder, trainable = adapter_dir
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "down_proj" in out and f"{trainable:,} in LoRA factors" in out
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["adapter_parameters"] == trainable
+    assert info["modules_adapted"] == 3 * 2
+    assert info["by_module"]["v_proj"] == {"count": 2, "ranks": [4], "layers": "0-1"}
+    assert info["file_bytes"] == (folder / "adapter_model.safetensors").stat().st_size
+
+
+def test_inspect_bad_folder(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_merge_gives_a_plain_model_with_the_adapters_logits(tmp_path, model_dir, adapter_dir, capsys):
+    folder, _ = adapter_dir
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(folder), "--output", str(out)]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no lorakit
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), folder)
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
+    # an existing folder is not replaced without --overwrite, and is intact afterwards
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(folder), "--output", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_generate_once_and_chat(model_dir, adapter_dir, capsys, monkeypatch):
+    folder, _ = adapter_dir
+    args = ["generate", "--model", str(model_dir), "--max-new-tokens", "3"]
+    assert main([*args, "--prompt", "hello"]) == 0
+    assert main([*args, "--adapter", str(folder), "--prompt", "hello"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say hello\n/reset\nhello\n/quit\n"))
+    assert main([*args, "--chat"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
+    assert main([*args]) == 1  # neither --prompt nor --chat
+    assert "exactly one of --prompt" in capsys.readouterr().err
