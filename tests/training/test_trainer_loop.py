@@ -237,3 +237,41 @@ def test_loss_on_supervised_positions_only_equals_full_logits_loss(tiny_model, t
     torch.testing.assert_close(results[0][1], results[1][1])
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
     assert n_targets < batch["attention_mask"].sum()  # the prompt positions were skipped
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b'{"prompt": "a"}\n', "completion"),
+        (b'{"prompt": "caf\xe9", "completion": "x"}\n', "UTF-8"),
+        (b'{"prompt": "a", "completion": "b"}\n{not json\n', "line 2"),
+    ],
+)
+def test_cli_bad_data_exits_nonzero_with_the_reason(tmp_path, model_dir, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model_dir), "--data", str(bad), "--output", str(out), "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and message in err, err
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_too_long_examples_are_truncated_or_dropped_and_counted(tmp_path, model_dir, data_files):
+    from transformers import AutoTokenizer
+
+    from lorakit.training.data import build_dataset
+
+    examples, _ = build_dataset(data_files[0], AutoTokenizer.from_pretrained(model_dir), max_length=None)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the rows are longer
+    longer = sum(n > limit for n in lengths)
+    assert 0 < longer < 16
+    cfg = config(model_dir, data_files, tmp_path / "t", max_length=limit, max_steps=1, skip_eval=True)
+    report = train(cfg, log=lambda s: None, progress=False).metrics["data"]
+    assert (report["truncated"], report["used"], report["max_length"]) == (longer, 16, limit)
+    cfg = config(model_dir, data_files, tmp_path / "d", max_length=limit, overflow="drop", max_steps=1, skip_eval=True)
+    report = train(cfg, log=lambda s: None, progress=False).metrics["data"]
+    assert (report["dropped_total"], report["used"], report["truncated"]) == (longer, 16 - longer, 0)
