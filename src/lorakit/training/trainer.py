@@ -372,7 +372,10 @@ class Trainer:
             )
             if before is not None and after is not None:
                 self.log("\n" + side_by_side(before, after, cfg.samples))
-            self.log(f"\nadapter: {self.output}/adapter_model.safetensors (+ adapter_config.json)")
+            if cfg.method == "lora":
+                self.log(f"\nadapter: {self.output}/adapter_model.safetensors (+ adapter_config.json)")
+            else:
+                self.log(f"\nfull model: {self.output}/model/")
             self.log(f"metrics: {self.output}/metrics.json   loss curve: {self.output}/loss.png")
         return TrainResult(self.output, step, metrics=metrics)
 
