@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import (
@@ -14,10 +16,13 @@ from transformers import (
 )
 
 
-def tiny_llama(seed: int = 0, tie: bool = False, initializer_range: float = 0.02) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, tie: bool = False, initializer_range: float = 0.02, vocab_size: int = 96, **config: Any
+) -> LlamaForCausalLM:
+    """A random 2-layer, 32-wide LLaMA; ``config`` overrides any other ``LlamaConfig`` field."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=96,
+    fields = dict(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -27,6 +32,7 @@ def tiny_llama(seed: int = 0, tie: bool = False, initializer_range: float = 0.02
         tie_word_embeddings=tie,
         initializer_range=initializer_range,
     )
+    cfg = LlamaConfig(**{**fields, **config})
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import tiny_llama
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -66,20 +68,13 @@ def plain_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A random 2-layer Llama over the tiny tokenizer's vocabulary."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    return tiny_llama(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture
