@@ -275,3 +275,16 @@ def test_too_long_examples_are_truncated_or_dropped_and_counted(tmp_path, model_
     cfg = config(model_dir, data_files, tmp_path / "d", max_length=limit, overflow="drop", max_steps=1, skip_eval=True)
     report = train(cfg, log=lambda s: None, progress=False).metrics["data"]
     assert (report["dropped_total"], report["used"], report["truncated"]) == (longer, 16 - longer, 0)
+
+
+def test_torchrun_refusal_stops_every_process(tmp_path, model_dir, data_files):
+    """An output rank 0 refuses (it holds an adapter) ends all processes with exit 1; none hangs at a barrier."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lorakit"]
+    cmd += ["train", "--model", str(model_dir), "--data", str(data_files[0]), "--output", str(out), "--skip-eval"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "already holds an adapter" in done.stderr
+    assert (out / "adapter_config.json").read_text() == "{}"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.config import LoraConfig, TaskType
-from lorakit.errors import AdapterFileError, ConfigError, DataError
+from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
 from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
 from lorakit.model import get_peft_model
@@ -128,8 +128,15 @@ class Trainer:
 
     def _load(self) -> None:
         cfg, world = self.cfg, self.world
-        self.output = prepare_output(cfg) if world.is_main else Path(cfg.output).expanduser()
-        dist_utils.barrier(world)
+        self.output, error = Path(cfg.output).expanduser(), None
+        if world.is_main:
+            try:
+                self.output = prepare_output(cfg)
+            except LorakitError as exc:
+                error = exc
+        error = dist_utils.broadcast_object(world, error)  # every process stops, none waits at a barrier
+        if error is not None:
+            raise error
         seed_everything(cfg.seed)
         t0 = time.perf_counter()
         model, tokenizer = load_model(cfg.model)
