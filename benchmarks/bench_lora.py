@@ -1,11 +1,13 @@
-"""lorakit vs PEFT, side by side in one process, on SmolLM2-135M-Instruct (fp32, CPU).
+"""lorakit vs PEFT, side by side in one process, on SmolLM2-135M-Instruct (fp32, CPU): LoRA, or DoRA with --dora.
 
 Reproduce (defaults take about 6-9 minutes on 2 CPU cores; the first run also converts the model, ~1 min)::
 
     python benchmarks/bench_lora.py --json bench_lora.json
     python benchmarks/bench_lora.py --repeats 7 --json bench_lora_r7.json     # tighter medians
+    python benchmarks/bench_lora.py --dora --json benchmarks/results/bench_dora.json   # use_dora=True in both
 
 Setup: LoRA r=8, lora_alpha=16, lora_dropout=0, target_modules q,k,v,o,gate,up,down (all 30 layers),
+``use_dora`` as given by ``--dora`` (same config object for lorakit and PEFT),
 batch 8 x 64 random token ids (fixed seed), labels = input_ids, fp32, ``torch.set_num_threads(2)``.
 Every variant is a ``copy.deepcopy`` of the same cached model (see ``benchmarks/models.py``).
 
@@ -283,6 +285,7 @@ def measure_memory(variants: list[str], threads: int, methods: str) -> dict[str,
     results = {}
     for variant in variants:
         cmd = [sys.executable, __file__, "--_memory-child", variant, "--threads", str(threads), "--memory", methods]
+        cmd += ["--dora"] if LORA.get("use_dora") else []
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -320,11 +323,14 @@ def main() -> None:
         help="redo a repeat when other processes used more than this share of the CPUs (default 0.15)",
     )
     ap.add_argument("--max-rejects", type=int, default=None, help="redo at most this many repeats (default: repeats)")
+    ap.add_argument("--dora", action="store_true", help="DoRA (use_dora=True) in lorakit and PEFT alike")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--report", type=Path, default=None, help="print the report of a saved --json file and exit")
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.dora:
+        LORA["use_dora"] = True
     if args.report:
         result = json.loads(args.report.read_text())
         add_ratios(result)

@@ -89,17 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nLoRA / best full fine-tuning exact match: {ratio:.3f} (seed's claim: 0.95-0.99)")
     print(f"LoRA trains {lora['trainable_parameters'] / best_full['trainable_parameters']:.2%} of the parameters")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "runs": runs,
-            "lora_over_best_full": ratio,
-            "best_full": best_full["name"],
-            "settings": vars(args) | {"json": str(args.json)},
-            "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform()},
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args, {"runs": runs, "lora_over_best_full": ratio, "best_full": best_full["name"]})
     return 0
+
+
+def write_json(args: argparse.Namespace, results: dict) -> None:
+    """``results`` plus the settings and the machine, to ``args.json``."""
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    payload = results | {
+        "settings": vars(args) | {"json": str(args.json)},
+        "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform()},
+    }
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -80,5 +80,16 @@ def test_unknown_field_warns_and_is_ignored():
 
 
 def test_peft_feature_switched_on_is_refused():
-    with pytest.raises(ConfigError, match="use_dora=True, a PEFT feature lorakit does not implement"):
-        LoraConfig.from_dict({"r": 4, "use_dora": True})
+    with pytest.raises(ConfigError, match="use_qalora=True, a PEFT feature lorakit does not implement"):
+        LoraConfig.from_dict({"r": 4, "use_qalora": True})
+
+
+def test_dora_fields():
+    cfg = LoraConfig.from_dict({"r": 4, "use_dora": True})
+    assert cfg.use_dora and not cfg.dora_grad_through_norm
+    assert "dora_grad_through_norm" not in cfg.to_dict()  # PEFT's file unless the lorakit option is used
+    assert LoraConfig(use_dora=True, dora_grad_through_norm=True).to_dict()["dora_grad_through_norm"] is True
+    with pytest.raises(ConfigError, match="dora_grad_through_norm=True needs use_dora=True"):
+        LoraConfig(dora_grad_through_norm=True)
+    with pytest.raises(ConfigError, match="use_dora='yes' is invalid"):
+        LoraConfig(use_dora="yes")

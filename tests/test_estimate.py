@@ -83,6 +83,8 @@ CASES = [
     ("bert", dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
     ("bert", dict(target_modules="all-linear", task_type="SEQ_CLS", bias="all")),
     ("bert", dict(target_modules=r".*layer\.0\..*dense")),
+    ("llama", dict(target_modules=["q_proj", "embed_tokens", "down_proj"], use_dora=True)),
+    ("gpt2", dict(target_modules=["c_attn"], use_dora=True)),
 ]
 FACTORIES = {"llama": tiny_llama, "llama_tied": lambda: tiny_llama(tie=True), "gpt2": tiny_gpt2, "bert": tiny_bert}
 

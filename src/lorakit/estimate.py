@@ -223,7 +223,7 @@ def build_meta_model(
 
 @dataclass(frozen=True)
 class AdaptedModule:
-    """One module the adapter wraps: ``params`` = trainable values of its A and B factors."""
+    """One module the adapter wraps: ``params`` = trainable values of its A and B factors (and DoRA magnitude)."""
 
     name: str
     kind: str  # "linear", "conv1d_hf", "embedding", "conv"
@@ -232,10 +232,11 @@ class AdaptedModule:
     r: int
     a_size: int  # numel of A: r·k (r·k·prod(kernel) for convolutions)
     b_size: int  # numel of B: d·r
+    m_size: int = 0  # numel of DoRA's magnitude: d (0 without DoRA)
 
     @property
     def params(self) -> int:
-        return self.a_size + self.b_size
+        return self.a_size + self.b_size + self.m_size
 
 
 @dataclass
@@ -254,7 +255,7 @@ class ParameterEstimate:
 
     @property
     def adapter(self) -> int:
-        """LoRA factor parameters: ``Σ r·(d + k)`` over the adapted modules."""
+        """Adapter parameters: ``Σ r·(d + k)`` over the adapted modules (``+ d`` each with DoRA)."""
         return sum(m.params for m in self.modules)
 
     @property
@@ -263,7 +264,7 @@ class ParameterEstimate:
         return self.adapter + self.modules_to_save + self.bias
 
     def adapter_tensor_sizes(self) -> list[int]:
-        return [s for m in self.modules for s in (m.a_size, m.b_size)]
+        return [s for m in self.modules for s in (m.a_size, m.b_size, m.m_size) if s]
 
     def groups(self) -> list[tuple[str, str, int, int, int, int, int]]:
         """``(leaf name, kind, k, d, r, parameters each, how many)`` per distinct layer shape, in model order."""
@@ -274,7 +275,7 @@ class ParameterEstimate:
         return [(*key, n) for key, n in counts.items()]
 
 
-def adapted_module(name: str, module: nn.Module, r: int) -> AdaptedModule:
+def adapted_module(name: str, module: nn.Module, r: int, dora: bool = False) -> AdaptedModule:
     """The factor sizes lorakit creates for ``module`` at rank ``r`` (see :mod:`lorakit.layers.kinds`).
 
     Raises:
@@ -288,7 +289,7 @@ def adapted_module(name: str, module: nn.Module, r: int) -> AdaptedModule:
         )
     k, d = kind.features(module)
     receptive = math.prod(module.kernel_size) if kind.name == "conv" else 1
-    return AdaptedModule(name, kind.name, k, d, r, a_size=r * k * receptive, b_size=d * r)
+    return AdaptedModule(name, kind.name, k, d, r, a_size=r * k * receptive, b_size=d * r, m_size=d if dora else 0)
 
 
 def count_parameters(model: nn.Module, config: LoraConfig) -> ParameterEstimate:
@@ -306,7 +307,9 @@ def count_parameters(model: nn.Module, config: LoraConfig) -> ParameterEstimate:
     if saved != asked:  # as get_peft_model does: task heads train in full, so LoRA skips them
         config = dataclasses.replace(config, modules_to_save=saved)
     modules = [
-        adapted_module(name, model.get_submodule(name), pattern_value(config.rank_pattern, name, config.r))
+        adapted_module(
+            name, model.get_submodule(name), pattern_value(config.rank_pattern, name, config.r), config.use_dora
+        )
         for name in select_targets(model, config)
     ]
     params = dict(model.named_parameters())  # deduplicated: a tied weight appears once

@@ -147,7 +147,10 @@ class LoraModel(nn.Module):
                     config.init_lora_weights,
                     config.use_rslora,
                     dtype=self._adapter_dtype(layer),
+                    use_dora=config.use_dora,
                 )
+                if config.use_dora:
+                    layer.lora_magnitude_vector[adapter_name].grad_through_norm = config.dora_grad_through_norm
                 if layer is not module:
                     parent, child = _parent(self.model, name)
                     setattr(parent, child, layer)

@@ -49,6 +49,27 @@ def test_inspect(adapter_dir, capsys):
     assert info["file_bytes"] == (folder / "adapter_model.safetensors").stat().st_size
 
 
+def test_dora_adapter_inspects_and_merges(tmp_path, model_dir, capsys):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False, use_dora=True)
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # magnitudes away from ‖W + s·BA‖, so the rescale shows in the logits
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.5)
+    model.save_pretrained(tmp_path / "dora")
+    assert main(["inspect", str(tmp_path / "dora")]) == 0
+    out = capsys.readouterr().out
+    trainable = model.get_nb_trainable_parameters()[0]
+    assert "DoRA" in out and f"{trainable:,} in LoRA factors and DoRA magnitudes" in out
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "dora"), "-o", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_inspect_bad_folder(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     assert "adapter_config.json" in capsys.readouterr().err

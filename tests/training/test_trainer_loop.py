@@ -92,6 +92,20 @@ def test_loss_falls(tmp_path, model_dir, data_files):
     assert last < 0.5 * first, (first, last)
 
 
+def test_dora_run_trains_and_writes_a_dora_adapter(tmp_path, model_dir, data_files, tiny_model):
+    out = tmp_path / "dora"
+    cfg = config(model_dir, data_files, out, use_dora=True, skip_eval=True, save_every=0, max_steps=20)
+    history = train(cfg, log=lambda s: None, progress=False).metrics["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    trained = adapter(out)
+    magnitudes = [k for k in trained if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == 2 * 7
+    loaded = PeftModel.from_pretrained(tiny_model, out)
+    assert loaded.peft_config["default"].use_dora
+    with pytest.raises(ConfigError, match="use_dora applies to method 'lora'"):
+        config(model_dir, data_files, out, use_dora=True, method="full")
+
+
 def test_resume_reaches_the_uninterrupted_result(tmp_path, model_dir, data_files):
     """A run resumed from its step-3 checkpoint ends bit-identical to the run that never stopped (with dropout)."""
     full = tmp_path / "full"

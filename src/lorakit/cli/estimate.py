@@ -105,6 +105,7 @@ def add_parser(sub: Any) -> None:
         "--modules-to-save", dest="modules_to_save", metavar="NAME", nargs="+", default=S, help="fully trained modules"
     )
     g.add_argument("--bias", choices=["none", "all", "lora_only"], default=S, help="trainable biases (none)")
+    g.add_argument("--dora", dest="use_dora", action="store_true", default=S, help="DoRA: + one magnitude per output")
     g.add_argument(
         "--adapter-config",
         dest="adapter_config",

@@ -17,7 +17,9 @@ examples:
 """
 
 _LAYER = re.compile(r"\.(\d+)\.")
-_FACTOR = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$|\.(lora_embedding_[AB])$")
+_FACTOR = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$|\.(lora_embedding_[AB]|lora_magnitude_vector)$"
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -101,6 +103,7 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
         "base_model": config.base_model_name_or_path,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
+        "use_dora": config.use_dora,
         "rank_pattern": config.rank_pattern or {},
         "target_modules": sorted(config.target_modules)
         if isinstance(config.target_modules, (set, list, tuple))
@@ -138,13 +141,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"adapter      {info['folder']}")
     print(f"type         {info['peft_type']} ({info['task_type']})   base model: {info['base_model']}")
-    print(f"rank         r={info['r']}  lora_alpha={info['lora_alpha']}  scaling={info['lora_alpha'] / info['r']:g}")
+    method = "DoRA (magnitude + direction)" if info["use_dora"] else "LoRA"
+    scaling = info["lora_alpha"] / info["r"]
+    print(f"rank         r={info['r']}  lora_alpha={info['lora_alpha']}  scaling={scaling:g}  {method}")
     if info["rank_pattern"]:
         print(f"rank_pattern {info['rank_pattern']}")
     print(f"targets      {info['target_modules']}  -> {info['modules_adapted']} modules")
     for name, t in info["by_module"].items():
         print(f"  {name:<24} x{t['count']:<4} rank {','.join(map(str, t['ranks']))}   layers {t['layers']}")
-    print(f"parameters   {info['adapter_parameters']:,} in LoRA factors", end="")
+    held = "LoRA factors and DoRA magnitudes" if info["use_dora"] else "LoRA factors"
+    print(f"parameters   {info['adapter_parameters']:,} in {held}", end="")
     print(
         f" + {info['other_parameters']:,} in {len(info['other_tensors'])} other tensors"
         if info["other_tensors"]

@@ -14,6 +14,9 @@ examples:
   # your data (JSONL/JSON/CSV/parquet with prompt/completion or chat messages), all linear layers, r=16
   lorakit train --data train.jsonl --eval-data eval.jsonl --targets all-linear --r 16 --alpha 32 -o runs/mine
 
+  # DoRA instead of plain LoRA (same flags otherwise; the adapter loads in PEFT with use_dora=True)
+  lorakit train --dora --output runs/dora
+
   # settings from a YAML file; flags override it
   lorakit train --config run.yaml --lr 5e-4
 
@@ -55,6 +58,13 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--r", "--rank", dest="r", type=int, default=S, help="rank (8); spell it --rank after torchrun")
     g.add_argument("--alpha", dest="lora_alpha", type=float, default=S, help="lora_alpha; scaling = alpha/r (16)")
     g.add_argument("--dropout", dest="lora_dropout", type=float, default=S, help="dropout on the adapter input (0)")
+    g.add_argument(
+        "--dora",
+        dest="use_dora",
+        action="store_true",
+        default=S,
+        help="DoRA: LoRA plus a trainable magnitude per output feature (arXiv 2402.09353)",
+    )
     g.add_argument(
         "--targets",
         dest="target_modules",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import UnsupportedModuleError
-from lorakit.layers.fused import LoraLinearFunction
+from lorakit.layers.fused import DoraLinearFunction, LoraLinearFunction
 
 if TYPE_CHECKING:
     from lorakit.layers.lora import LoraLayer
@@ -51,6 +51,10 @@ class LayerKind:
     name = "abstract"
     #: Names of the ``ModuleDict``/``ParameterDict`` attributes that hold this kind's A and B factors.
     containers: tuple[str, str] = ("lora_A", "lora_B")
+    #: Whether the adapter's dropout applies to this kind's input (not to an embedding's token ids).
+    drops_input = True
+    #: Whether :meth:`fused_forward` can ever return a result (so callers skip preparing its inputs).
+    has_fused_forward = False
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -91,12 +95,50 @@ class LayerKind:
         """Map the ``(d, k)`` ΔW onto the base weight's shape."""
         return delta
 
-    def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result + s · B A dropout(x)`` for one adapter."""
+    def weight_matrix(self, base: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The base weight (or ``weight``, a tensor in its layout) as the ``(d, k)`` matrix M that ΔW is added
+        to: a view, never a copy."""
+        return self.base_weight(base) if weight is None else weight
+
+    def project_rows(self, base: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """``A Mᵀ``, ``(r, d)``, for A ``(r, k)``: r×k×d multiply-adds, no ``(d, k)`` temporary.
+
+        Computed in the base weight's dtype. A kind whose weight is not a plain tensor (a quantized layer)
+        overrides this with its own forward on the rows of A.
+        """
+        m = self.weight_matrix(base)
+        return a.to(m.dtype) @ m.t()
+
+    def row_sq_norms(self, base: nn.Module, dtype: torch.dtype, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``(d,)``: ‖M_i‖² per row of M (of ``weight`` if given), accumulated in ``dtype`` (a reduction, no
+        ``(d, k)`` temporary)."""
+        return torch.linalg.vector_norm(self.weight_matrix(base, weight), dim=1, dtype=dtype).square()
+
+    def row_shape(self, base: nn.Module) -> tuple[int, ...]:
+        """Shape that makes a ``(d,)`` vector scale the rows of M in the base weight's own layout."""
+        return (-1, 1)
+
+    def channel_shape(self, layer: LoraLayer) -> tuple[int, ...]:
+        """Shape of a per-output-feature vector that broadcasts against the layer's output."""
+        return (layer.out_features,)
+
+    def bias(self, base: nn.Module) -> torch.Tensor | None:
+        """The base layer's bias (added after the weight), or None."""
+        return getattr(base, "bias", None)
+
+    def add_output(
+        self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor, dropout: bool = True
+    ) -> torch.Tensor:
+        """``result + s · B A dropout(x)`` for one adapter (``dropout=False``: ``x`` is already dropped)."""
         raise NotImplementedError
 
-    def fused_forward(self, layer: LoraLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        """``base(x) + s · B A x`` in one fused kernel when that is exactly equivalent, else ``None``."""
+    def fused_forward(
+        self, layer: LoraLayer, adapter: str, x: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """``base(x) + s · B A x`` in one fused kernel when that is exactly equivalent, else ``None``.
+
+        With ``scale`` (DoRA's ``m / ‖V‖``, per output feature): ``scale ⊙ (W x + s·B A x) + bias``.
+        """
         return None
 
 
@@ -104,6 +146,7 @@ class LinearKind(LayerKind):
     """``nn.Linear``: y = x Wᵀ + b with W ``(out, in)``."""
 
     name = "linear"
+    has_fused_forward = True
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
@@ -114,10 +157,13 @@ class LinearKind(LayerKind):
     def create(self, layer: LoraLayer, adapter: str, r: int) -> tuple[nn.Module, nn.Module]:
         return nn.Linear(layer.in_features, r, bias=False), nn.Linear(r, layer.out_features, bias=False)
 
-    def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def add_output(
+        self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor, dropout: bool = True
+    ) -> torch.Tensor:
         a = layer.lora_A[adapter].weight  # (r, in)
         b = layer.lora_B[adapter].weight  # (out, r)
-        x = layer.lora_dropout[adapter](x)
+        if dropout:
+            x = layer.lora_dropout[adapter](x)
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         h = F.linear(x, a)  # (..., r)
@@ -128,11 +174,18 @@ class LinearKind(LayerKind):
             return out.view(result.shape)
         return _add_scaled(result, F.linear(h, b), scaling)
 
-    def fused_forward(self, layer: LoraLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The training fast path (:mod:`lorakit.layers.fused`), taken only where it equals the generic one."""
+    def fused_forward(
+        self, layer: LoraLayer, adapter: str, x: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """One fused computation of ``base(x) + s·B A x`` (DoRA: rescaled by ``scale`` before the bias), taken
+        only where it equals the generic path.
+
+        With gradients needed: the autograd kernels of :mod:`lorakit.layers.fused`. Without (inference, or
+        nothing requires grad): the base GEMM, then the rank-r update and the rescale applied in place.
+        """
         base = layer.base_layer
-        if type(base) is not nn.Linear or not torch.is_grad_enabled() or x.dim() < 2:
-            return None  # subclasses (quantized linears) have their own forward; eval needs no backward
+        if type(base) is not nn.Linear or x.dim() < 2:
+            return None  # subclasses (quantized linears) have their own forward
         if base._forward_hooks or base._forward_pre_hooks or _global_hooks_set():
             return None
         dropout = layer.lora_dropout[adapter]
@@ -143,9 +196,22 @@ class LinearKind(LayerKind):
         w = base.weight
         if not (x.dtype == w.dtype == a.dtype == b.dtype) or torch.is_autocast_enabled(x.device.type):
             return None
-        if not (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad):
+        if scale is not None and scale.dtype != x.dtype:
             return None
-        return LoraLinearFunction.apply(x, w, base.bias, a, b, layer.scaling[adapter])
+        bias, s = base.bias, layer.scaling[adapter]
+        tensors = [t for t in (x, w, a, b, bias, scale) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            if scale is None:
+                return LoraLinearFunction.apply(x, w, bias, a, b, s)
+            return DoraLinearFunction.apply(x, w, bias, a, b, s, scale)
+        y = F.linear(x, w, bias if scale is None else None)  # (..., out), a fresh tensor: safe to update in place
+        h = F.linear(x, a)  # (..., r)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=s)
+        if scale is not None:
+            y.mul_(scale)
+            if bias is not None:
+                y.add_(bias)
+        return y
 
 
 def _global_hooks_set() -> bool:
@@ -158,6 +224,7 @@ class HFConv1DKind(LinearKind):
     """transformers' ``Conv1D`` (GPT-2 and relatives): y = x W + b with W stored ``(in, out)``."""
 
     name = "conv1d_hf"
+    has_fused_forward = False
 
     def matches(self, module: nn.Module) -> bool:
         return HFConv1D is not None and isinstance(module, HFConv1D)
@@ -167,6 +234,12 @@ class HFConv1DKind(LinearKind):
 
     def to_weight_layout(self, delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return delta.t()
+
+    def weight_matrix(self, base: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return (base.weight if weight is None else weight).t()
+
+    def row_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return (1, -1)
 
 
 class EmbeddingKind(LayerKind):
@@ -178,6 +251,7 @@ class EmbeddingKind(LayerKind):
 
     name = "embedding"
     containers = ("lora_embedding_A", "lora_embedding_B")
+    drops_input = False
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
@@ -201,7 +275,19 @@ class EmbeddingKind(LayerKind):
     def to_weight_layout(self, delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return delta.t()
 
-    def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def weight_matrix(self, base: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        # (dim, num): DoRA's magnitude is per embedding dimension, as in PEFT
+        return (base.weight if weight is None else weight).t()
+
+    def row_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return (1, -1)
+
+    def bias(self, base: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def add_output(
+        self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor, dropout: bool = True
+    ) -> torch.Tensor:
         a, b = self.factor_params(layer, adapter)
         base = layer.base_layer
         h = F.embedding(x, a.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
@@ -247,9 +333,22 @@ class ConvKind(LayerKind):
     def to_weight_layout(self, delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return delta.view(base.weight.shape)
 
-    def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def weight_matrix(self, base: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return (base.weight if weight is None else weight).flatten(1)  # (out, in·k…)
+
+    def row_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return (-1,) + (1,) * (base.weight.dim() - 1)
+
+    def channel_shape(self, layer: LoraLayer) -> tuple[int, ...]:
+        # (1, out, 1, …): the layout of PEFT's DoRA magnitude for convolutions, channels on dim 1
+        return (1, layer.out_features) + (1,) * (layer.base_layer.weight.dim() - 2)
+
+    def add_output(
+        self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor, dropout: bool = True
+    ) -> torch.Tensor:
         a = layer.lora_A[adapter]
-        x = layer.lora_dropout[adapter](x)
+        if dropout:
+            x = layer.lora_dropout[adapter](x)
         if x.dtype != a.weight.dtype:
             x = x.to(a.weight.dtype)
         return _add_scaled(result, layer.lora_B[adapter](a(x)), layer.scaling[adapter])

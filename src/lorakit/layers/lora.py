@@ -15,7 +15,12 @@ from torch import nn
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
 from lorakit.layers.delta import lora_delta, lora_scaling
+from lorakit.layers.dora import DoraVariant
 from lorakit.layers.kinds import LayerKind
+from lorakit.layers.variant import LoraVariant
+
+#: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
+VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant()}
 
 
 class AdapterLayer(nn.Module):
@@ -52,6 +57,9 @@ class LoraLayer(AdapterLayer):
     Attributes:
         base_layer: the wrapped, frozen module (``nn.Linear``, ``nn.Embedding``, ``nn.ConvNd``, ``Conv1D``).
         kind: the :class:`~lorakit.layers.kinds.LayerKind` strategy for the base layer's geometry.
+        variant: per adapter, the :class:`~lorakit.layers.variant.LoraVariant` strategy (plain LoRA or DoRA)
+            that decides how the update enters the output and the weight.
+        lora_magnitude_vector: DoRA magnitudes, per DoRA adapter (PEFT's attribute name and state-dict keys).
         r, lora_alpha, scaling: per-adapter rank, alpha and s.
         active_adapters: adapters applied in ``forward`` (in order).
         merged_adapters: adapters whose ΔW currently sits inside ``base_layer``'s weight.
@@ -67,6 +75,9 @@ class LoraLayer(AdapterLayer):
             holder = nn.ParameterDict() if container.startswith("lora_embedding") else nn.ModuleDict()
             setattr(self, container, holder)
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.variant: dict[str, LoraVariant] = {}
+        self._merge_records: dict[str, object] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -86,11 +97,14 @@ class LoraLayer(AdapterLayer):
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         """Create adapter ``adapter`` with its own A, B and dropout, placed on the base weight's device.
 
         Args:
-            dtype: dtype of A and B; defaults to the base weight's floating dtype.
+            dtype: dtype of A and B (and of DoRA's magnitude); defaults to the base weight's floating dtype.
+            use_dora: make it a DoRA adapter (:mod:`lorakit.layers.dora`): a magnitude per output feature,
+                initialised so that the layer's output is unchanged.
 
         Raises:
             AdapterExistsError: the layer already holds an adapter of that name.
@@ -109,6 +123,13 @@ class LoraLayer(AdapterLayer):
         for container, factor in zip(self.kind.containers, (a, b)):
             getattr(self, container)[adapter] = factor.to(device=weight.device, dtype=dtype)
         self.kind.init_factors(self, adapter, init_lora_weights)
+        self.variant[adapter] = VARIANTS["dora" if use_dora else "lora"]
+        self.variant[adapter].attach(self, adapter)
+
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        """PEFT's per-adapter flag, read-only here (the variant is chosen when the adapter is added)."""
+        return {a: v.name == "dora" for a, v in self.variant.items()}
 
     def adapter_names(self) -> list[str]:
         return list(self.r)
@@ -129,10 +150,13 @@ class LoraLayer(AdapterLayer):
             else:
                 for name, param in holder.named_parameters():
                     out[f"{container}.{name}"] = param
+        out.update(self.variant[adapter].extra_state(self, adapter))
         return out
 
     def adapter_param_key(self, adapter: str, file_key: str) -> str:
         container, _, rest = file_key.partition(".")
+        if container == "lora_magnitude_vector":  # PEFT's files drop the module's ``.weight``
+            return f"{container}.{adapter}.weight"
         return f"{container}.{adapter}.{rest}" if rest else f"{container}.{adapter}"
 
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
@@ -148,7 +172,9 @@ class LoraLayer(AdapterLayer):
             raise MergeError(f"adapter {adapter!r} is merged into the base weight; unmerge it before deleting it")
         for container in (*self.kind.containers, "lora_dropout"):
             del getattr(self, container)[adapter]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+        if adapter in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variant):
             del table[adapter]
         self.active_adapters = [a for a in self.active_adapters if a != adapter]
 
@@ -170,10 +196,14 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add ΔW of each adapter (default: the active ones) into the base weight, in place.
+        """Fold each adapter (default: the active ones) into the base weight, in place, in the given order.
+
+        Plain LoRA adds ΔW; DoRA rescales the rows of W + ΔW (:mod:`lorakit.layers.dora`). The weight is
+        changed in place under ``no_grad``, which bumps its version counter (caches keyed on it see it).
 
         Args:
-            safe_merge: compute W + ΔW out of place first and refuse to write it if it holds NaN or Inf.
+            safe_merge: compute the merged weight out of place first and refuse to write it if it holds
+                NaN or Inf.
 
         Raises:
             MergeError: ``safe_merge`` found non-finite values; the weight is unchanged.
@@ -183,25 +213,16 @@ class LoraLayer(AdapterLayer):
         for adapter in names:
             if adapter in self.merged_adapters:
                 continue
-            delta = self.delta_weight(adapter).to(weight.dtype)
-            if safe_merge:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise MergeError(
-                        f"merging adapter {adapter!r} would put NaN/Inf into the base weight; nothing was merged"
-                    )
-                weight.data.copy_(merged)
-            else:
-                weight.data.add_(delta)
+            self._merge_records[adapter] = self.variant[adapter].merge(self, adapter, weight, safe_merge)
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract every merged adapter's ΔW from the base weight, newest first."""
+        """Undo every merge, newest first; the base weight comes back within float tolerance."""
         weight = self.kind.base_weight(self.base_layer)
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            weight.data.sub_(self.delta_weight(adapter).to(weight.dtype))
+            self.variant[adapter].unmerge(self, adapter, weight, self._merge_records.pop(adapter))
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -210,14 +231,14 @@ class LoraLayer(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         pending = [a for a in self.active_adapters if a not in self.merged_adapters]
         if len(pending) == 1 and not args and not kwargs:
-            fused = self.kind.fused_forward(self, pending[0], x)
+            fused = self.variant[pending[0]].fast_forward(self, pending[0], x)
             if fused is not None:
                 return fused
         result = self.base_layer(x, *args, **kwargs)
         for adapter in pending:
-            result = self.kind.add_output(self, adapter, x, result)
+            result = self.variant[adapter].add_output(self, adapter, x, result)
         return result
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{a}: r={self.r[a]}" for a in self.r)
+        ranks = ", ".join(f"{a}: r={self.r[a]}" + (" dora" if self.variant[a].name == "dora" else "") for a in self.r)
         return f"kind={self.kind.name}, adapters=({ranks}), merged={self.merged_adapters}"

@@ -20,7 +20,13 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OVERFLOW = ("truncate", "drop")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Flag spellings accepted in YAML files as aliases of field names.
-ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules", "lr": "learning_rate"}
+ALIASES = {
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "lr": "learning_rate",
+    "dora": "use_dora",
+}
 
 
 @dataclass
@@ -35,6 +41,7 @@ class TrainConfig:
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    use_dora: bool = False  #: DoRA (magnitude × direction, arXiv 2402.09353) instead of plain LoRA
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -92,6 +99,10 @@ class TrainConfig:
             )
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {METHODS}" + suggest(str(self.method), METHODS))
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.use_dora and self.method != "lora":
+            raise ConfigError(f"use_dora applies to method 'lora', not {self.method!r}; drop --dora or --method")
         if self.overflow not in OVERFLOW:
             raise ConfigError(f"overflow {self.overflow!r} is not one of {OVERFLOW}")
         if isinstance(self.target_modules, list) and not self.target_modules:

@@ -41,8 +41,9 @@ from lorakit.training.report import plot_loss, side_by_side, write_metrics
 
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
-    "model", "method", "data", "r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "weight_decay",
-    "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm", "total_steps",
+    "model", "method", "data", "r", "lora_alpha", "lora_dropout", "use_dora", "target_modules", "learning_rate",
+    "weight_decay", "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm",
+    "total_steps",
 ]  # fmt: skip
 
 
@@ -173,11 +174,14 @@ class Trainer:
                 lora_dropout=cfg.lora_dropout,
                 target_modules=cfg.target_modules,
                 task_type=TaskType.CAUSAL_LM,
+                use_dora=cfg.use_dora,
             )
             self.model = get_peft_model(model, lora).to(world.device)
             trainable, total = self.model.get_nb_trainable_parameters()
+            method = "DoRA" if cfg.use_dora else "LoRA"
             self.log(
-                f"LoRA r={cfg.r} alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} ({trainable / total:.3%})"
+                f"{method} r={cfg.r} alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} "
+                f"({trainable / total:.3%})"
             )
         self.trainable, self.total = trainable, total
         self.slice_logits = _supports_logit_mask(model)
@@ -280,7 +284,8 @@ class Trainer:
             raise ConfigError("--resume is supported for LoRA runs; method 'full' is a baseline without resume")
         folder = ckpt.find_resume_checkpoint(Path(self.cfg.output).expanduser(), self.cfg.resume)
         state = ckpt.load_checkpoint(folder, self.model)
-        ckpt.check_compatible(state["info"]["settings"], self._facts(), RESUME_KEYS)
+        saved = {"use_dora": False, **state["info"]["settings"]}  # checkpoints from before --dora existed
+        ckpt.check_compatible(saved, self._facts(), RESUME_KEYS)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]

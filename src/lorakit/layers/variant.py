@@ -1,0 +1,73 @@
+"""How an adapter's update enters the layer: the strategy interface, and plain LoRA.
+
+A :class:`~lorakit.layers.lora.LoraLayer` holds, per adapter, a *variant*: a stateless strategy that decides
+how that adapter changes the layer's output and its base weight. Plain LoRA adds ``s · B A x``; DoRA
+(:mod:`lorakit.layers.dora`) rescales the result per output feature. Per-adapter state (factors, magnitudes,
+merge records) lives on the layer; variants only compute. The layer's geometry (Linear, Conv, Embedding…)
+is the other, independent strategy (:mod:`lorakit.layers.kinds`), so every variant works on every kind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import MergeError
+
+if TYPE_CHECKING:
+    from lorakit.layers.lora import LoraLayer
+
+
+class LoraVariant:
+    """Plain LoRA (LoRA paper §4.1): ``h = base(x) + s · B A dropout(x)``; merging adds ΔW = s·BA to W."""
+
+    name = "lora"
+
+    def attach(self, layer: LoraLayer, adapter: str) -> None:
+        """Create the variant's own parameters once A and B exist and are initialised (none for plain LoRA)."""
+
+    def extra_state(self, layer: LoraLayer, adapter: str) -> dict[str, nn.Parameter]:
+        """The variant's parameters keyed as in PEFT's files (relative to the layer, without the name)."""
+        return {}
+
+    def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The layer's output after this adapter, given ``result`` (the output so far) and the input ``x``."""
+        return layer.kind.add_output(layer, adapter, x, result)
+
+    def fast_forward(self, layer: LoraLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """``base(x)`` plus this adapter alone in one fused computation, or None where that is not exact."""
+        return layer.kind.fused_forward(layer, adapter, x)
+
+    def merge(self, layer: LoraLayer, adapter: str, weight: torch.Tensor, safe_merge: bool) -> Any:
+        """Fold the adapter into ``weight`` in place (under ``no_grad``); returns what :meth:`unmerge` needs.
+
+        Raises:
+            MergeError: ``safe_merge`` and the merged weight would hold NaN/Inf; ``weight`` is unchanged.
+        """
+        delta = layer.delta_weight(adapter).to(weight.dtype)
+        if safe_merge:
+            _commit_finite(weight, weight + delta, adapter)
+        else:
+            weight.add_(delta)
+        return None
+
+    def unmerge(self, layer: LoraLayer, adapter: str, weight: torch.Tensor, record: Any) -> None:
+        """Undo :meth:`merge` in place; ``record`` is what it returned."""
+        weight.sub_(layer.delta_weight(adapter).to(weight.dtype))
+
+    def unmerge_projection(
+        self, layer: LoraLayer, adapter: str, projection: torch.Tensor, a: torch.Tensor, record: Any
+    ) -> torch.Tensor:
+        """Given ``A Mᵀ`` ``(r, d)`` for a weight M holding this merged adapter, ``A M'ᵀ`` for the weight M'
+        before the merge — from the low-rank factors alone: ``A ΔWᵀ = s·(A A_jᵀ) B_jᵀ`` is r×r_j×d work."""
+        a_j, b_j = (f.to(projection.dtype) for f in layer.kind.factors(layer, adapter))
+        return projection - layer.scaling[adapter] * (a.to(projection.dtype) @ a_j.t()) @ b_j.t()
+
+
+def _commit_finite(weight: torch.Tensor, merged: torch.Tensor, adapter: str) -> None:
+    """Copy ``merged`` into ``weight`` unless it holds NaN/Inf (safe_merge)."""
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"merging adapter {adapter!r} would put NaN/Inf into the base weight; nothing was merged")
+    weight.copy_(merged)
