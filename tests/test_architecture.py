@@ -17,6 +17,7 @@ RANK = {
     "lorakit.config": 2,
     "lorakit.layers": 3,
     "lorakit.targeting": 4,
+    "lorakit.kbit": 4,
     "lorakit.tuner": 5,
     "lorakit.persistence": 6,
     "lorakit.model": 7,

@@ -17,6 +17,7 @@ from lorakit.errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
+from lorakit.kbit import prepare_model_for_kbit_training, quantize
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_delta, lora_scaling
 from lorakit.model import (
     MODEL_TYPE_TO_PEFT_MODEL,
@@ -58,6 +59,8 @@ __all__ = [
     "TaskType",
     "UnsupportedModuleError",
     "get_peft_model",
+    "prepare_model_for_kbit_training",
+    "quantize",
     "lora_delta",
     "lora_scaling",
 ]

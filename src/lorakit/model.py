@@ -151,10 +151,20 @@ class PeftModel(nn.Module):
         self.base_model.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize_dtype: torch.dtype | None = None,
     ) -> nn.Module:
-        """Merge the active (or named) adapters and return the plain base model, with no adapter layers."""
-        return self.base_model.unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        """Merge the active (or named) adapters and return the plain base model, with no adapter layers.
+
+        Quantized (bitsandbytes) layers come back as plain ``nn.Linear`` in ``dequantize_dtype`` (default: their
+        compute dtype) holding dequantized weight + ΔW: lorakit never requantizes silently.
+        """
+        return self.base_model.unload(
+            merge=True, safe_merge=safe_merge, adapter_names=adapter_names, dequantize_dtype=dequantize_dtype
+        )
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging and return the original base model."""

@@ -22,6 +22,7 @@ from lorakit.errors import (
     UnsupportedModuleError,
     suggest,
 )
+from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_for
 from lorakit.layers.kinds import supported_type_names
 from lorakit.targeting import is_module_to_save, pattern_value, select_targets
@@ -284,30 +285,45 @@ class LoraModel(nn.Module):
 
         With ``safe_merge`` every layer is checked before any is written, so a NaN leaves the model untouched.
         """
+        names = self._merge_names(adapter_names, safe_merge)
+        for _, layer in self.lora_layers():
+            layer.merge(names, safe_merge=safe_merge)
+
+    def _merge_names(self, adapter_names: list[str] | None, safe_merge: bool) -> list[str]:
+        """The adapters to merge, checked to exist and, with ``safe_merge``, to hold no NaN/Inf anywhere."""
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_adapter(name)
-        layers = [layer for _, layer in self.lora_layers()]
         if safe_merge:
-            for layer in layers:
+            for _, layer in self.lora_layers():
                 for adapter in names:
                     if adapter in layer.r and not torch.isfinite(layer.delta_weight(adapter)).all():
                         raise MergeError(f"adapter {adapter!r} holds NaN/Inf; nothing was merged")
-        for layer in layers:
-            layer.merge(names, safe_merge=safe_merge)
+        return names
 
     def unmerge(self) -> None:
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def unload(
+        self,
+        merge: bool,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize_dtype: torch.dtype | None = None,
+    ) -> nn.Module:
         """Take every lorakit module out of the model (merging first if asked) and return the bare model.
 
         A ``modules_to_save`` wrapper gives back the active adapter's trained copy when merging, the original
-        module otherwise.
+        module otherwise. Merging returns a full-precision model: every quantized (bitsandbytes 4/8-bit) layer
+        becomes a plain ``nn.Linear`` in ``dequantize_dtype`` (default: its compute dtype), adapted ones with
+        ΔW added; nothing is requantized.
         """
         if merge:
-            self.merge(adapter_names, safe_merge=safe_merge)
+            names = self._merge_names(adapter_names, safe_merge)  # refuse before dequantizing anything
+            for _, layer in self.lora_layers():
+                layer.dequantize(dequantize_dtype)
+            self.merge(names, safe_merge=safe_merge)
         else:
             self.unmerge()
         for name, layer in list(self.adapter_layers()):
@@ -317,6 +333,13 @@ class LoraModel(nn.Module):
                 replacement = layer.original()
             parent, child = _parent(self.model, name)
             setattr(parent, child, replacement)
+        if merge:  # a full-precision model: the quantized layers without an adapter are dequantized too
+            for name, module in list(self.model.named_modules()):
+                kind = kind_for(module)
+                if kind is not None and kind.quantized:
+                    parent, child = _parent(self.model, name)
+                    setattr(parent, child, kind.dequantize(module, dequantize_dtype))
+            forget_quantization(self.model)
         return self.model
 
     def forward(self, *args, **kwargs):

@@ -106,6 +106,28 @@ def test_dora_run_trains_and_writes_a_dora_adapter(tmp_path, model_dir, data_fil
         config(model_dir, data_files, out, use_dora=True, method="full")
 
 
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+def test_qlora_run_trains_a_plain_lora_adapter(tmp_path, model_dir, data_files, tiny_model, optim):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (CI installs it)")
+    out = tmp_path / "qlora"
+    cfg = config(model_dir, data_files, out, bits=4, optim=optim, skip_eval=True, save_every=0, max_steps=20)
+    result = train(cfg, log=lambda s: None, progress=False)
+    history = result.metrics["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert not any(k.endswith("lora_magnitude_vector") for k in adapter(out))
+    loaded = PeftModel.from_pretrained(tiny_model, out)  # the adapter loads on the full-precision base
+    assert loaded.peft_config["default"].r == 4
+
+
+def test_quantization_and_optimizer_settings_are_checked():
+    with pytest.raises(ConfigError, match="bits must be 4 or 8"):
+        TrainConfig(bits=3)
+    with pytest.raises(ConfigError, match="optim 'adam8bit' is not one of"):
+        TrainConfig(optim="adam8bit")
+    with pytest.raises(ConfigError, match="method 'full' cannot use it"):
+        TrainConfig(bits=4, method="full")
+
+
 def test_resume_reaches_the_uninterrupted_result(tmp_path, model_dir, data_files):
     """A run resumed from its step-3 checkpoint ends bit-identical to the run that never stopped (with dropout)."""
     full = tmp_path / "full"

@@ -17,6 +17,9 @@ examples:
   # DoRA instead of plain LoRA (same flags otherwise; the adapter loads in PEFT with use_dora=True)
   lorakit train --dora --output runs/dora
 
+  # QLoRA: the base in 4-bit NF4 with double quantization, 8-bit optimizer state (needs bitsandbytes)
+  lorakit train --qlora --optim adamw8bit --output runs/qlora
+
   # settings from a YAML file; flags override it
   lorakit train --config run.yaml --lr 5e-4
 
@@ -66,6 +69,26 @@ def add_parser(sub: Any) -> None:
         help="DoRA: LoRA plus a trainable magnitude per output feature (arXiv 2402.09353)",
     )
     g.add_argument(
+        "--qlora",
+        dest="bits",
+        action="store_const",
+        const=4,
+        default=S,
+        help="QLoRA: quantize the base model to 4-bit NF4 with double quantization (bitsandbytes)",
+    )
+    g.add_argument("--bits", type=int, choices=[4, 8], default=S, help="quantize the base to 4 or 8 bits")
+    g.add_argument("--quant-type", dest="quant_type", choices=["nf4", "fp4"], default=S, help="4-bit code (nf4)")
+    g.add_argument(
+        "--no-double-quant", dest="double_quant", action="store_false", default=S, help="4-bit without double quant"
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_true",
+        default=S,
+        help="recompute activations in backward (less memory, more time)",
+    )
+    g.add_argument(
         "--targets",
         dest="target_modules",
         nargs="+",
@@ -76,6 +99,12 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", dest="learning_rate", type=float, default=S, help="peak learning rate (1e-3)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="AdamW weight decay (0)")
+    g.add_argument(
+        "--optim",
+        choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"],
+        default=S,
+        help="optimizer: torch AdamW (default) or bitsandbytes' 8-bit / paged AdamW",
+    )
     g.add_argument("--epochs", type=float, default=S, help="passes over the data (1)")
     g.add_argument("--max-steps", dest="max_steps", type=int, default=S, help="optimizer steps; overrides --epochs")
     g.add_argument(

@@ -4,6 +4,7 @@ from lorakit.layers.delta import lora_delta, lora_scaling
 from lorakit.layers.kinds import KINDS, LayerKind, kind_for
 from lorakit.layers.lora import AdapterLayer, LoraLayer
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
+from lorakit.layers.quantized import is_bnb_layer
 
 __all__ = [
     "KINDS",
@@ -11,6 +12,7 @@ __all__ = [
     "LayerKind",
     "LoraLayer",
     "ModulesToSaveWrapper",
+    "is_bnb_layer",
     "kind_for",
     "lora_delta",
     "lora_scaling",

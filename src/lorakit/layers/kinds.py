@@ -55,6 +55,8 @@ class LayerKind:
     drops_input = True
     #: Whether :meth:`fused_forward` can ever return a result (so callers skip preparing its inputs).
     has_fused_forward = False
+    #: Whether the base weight is stored quantized (merging into it would requantize; see layers/quantized.py).
+    quantized = False
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -359,6 +361,12 @@ class ConvKind(LayerKind):
 KINDS: list[LayerKind] = [HFConv1DKind(), LinearKind(), EmbeddingKind(), ConvKind()]
 
 
+def register_kind(kind: LayerKind) -> None:
+    """Add a kind ahead of the generic ones (for subclasses of the types they handle, e.g. quantized linears)."""
+    if not any(type(k) is type(kind) for k in KINDS):
+        KINDS.insert(0, kind)
+
+
 def kind_for(module: nn.Module) -> LayerKind | None:
     """The first registered kind that handles ``module``'s type, or None."""
     for kind in KINDS:
@@ -368,4 +376,7 @@ def kind_for(module: nn.Module) -> LayerKind | None:
 
 
 def supported_type_names() -> str:
-    return "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers.pytorch_utils.Conv1D"
+    return (
+        "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d, transformers.pytorch_utils.Conv1D, "
+        "bitsandbytes.nn.Linear4bit/Linear8bitLt"
+    )

@@ -16,7 +16,7 @@ from torch import nn
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
 from lorakit.layers.delta import lora_delta, lora_scaling
 from lorakit.layers.dora import DoraVariant
-from lorakit.layers.kinds import LayerKind
+from lorakit.layers.kinds import LayerKind, kind_for
 from lorakit.layers.variant import LoraVariant
 
 #: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
@@ -209,6 +209,12 @@ class LoraLayer(AdapterLayer):
             MergeError: ``safe_merge`` found non-finite values; the weight is unchanged.
         """
         names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in self.r]
+        if self.kind.quantized and any(a not in self.merged_adapters for a in names):
+            raise MergeError(
+                f"the base layer is quantized ({type(self.base_layer).__name__}): merging into it would requantize "
+                "the weight, a lossy step lorakit never takes silently. Use merge_and_unload(), which dequantizes "
+                "to a plain nn.Linear first, or keep the adapter unmerged"
+            )
         weight = self.kind.base_weight(self.base_layer)
         for adapter in names:
             if adapter in self.merged_adapters:
@@ -223,6 +229,14 @@ class LoraLayer(AdapterLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             self.variant[adapter].unmerge(self, adapter, weight, self._merge_records.pop(adapter))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> None:
+        """Replace a quantized base layer by a plain ``nn.Linear`` holding its dequantized weight (in ``dtype``,
+        default the layer's compute dtype); nothing happens for an unquantized base."""
+        if not self.kind.quantized:
+            return
+        self.base_layer = self.kind.dequantize(self.base_layer, dtype)
+        self.kind = kind_for(self.base_layer)
 
     # -- forward --------------------------------------------------------------------------------------
 

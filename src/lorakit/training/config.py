@@ -16,6 +16,9 @@ from typing import Any
 from lorakit.errors import ConfigError, suggest
 
 METHODS = ("lora", "full")
+#: Optimizers by ``--optim`` name: torch's AdamW, or bitsandbytes' 8-bit / paged variants (QLoRA paper §3).
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+QUANT_TYPES = ("nf4", "fp4")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OVERFLOW = ("truncate", "drop")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -26,6 +29,7 @@ ALIASES = {
     "targets": "target_modules",
     "lr": "learning_rate",
     "dora": "use_dora",
+    "optimizer": "optim",
 }
 
 
@@ -42,9 +46,14 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     use_dora: bool = False  #: DoRA (magnitude × direction, arXiv 2402.09353) instead of plain LoRA
+    bits: int | None = None  #: quantize the base to 4 (QLoRA: NF4 + double quant) or 8 bits; None keeps it as loaded
+    quant_type: str = "nf4"  #: 4-bit code: nf4 (the QLoRA paper's NormalFloat) or fp4
+    double_quant: bool = True  #: quantize the 4-bit blocks' scales again (8 bit): ~0.37 fewer bits per weight
+    gradient_checkpointing: bool = False  #: recompute activations in backward: less memory, ~30% more time
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    optim: str = "adamw"  #: adamw, or bitsandbytes' adamw8bit / paged_adamw / paged_adamw8bit
     epochs: float = 1.0
     max_steps: int | None = None  #: overrides ``epochs`` when set
     batch_size: int = 8  #: examples per process per micro-batch
@@ -99,6 +108,14 @@ class TrainConfig:
             )
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {METHODS}" + suggest(str(self.method), METHODS))
+        if self.bits not in (None, 4, 8):
+            raise ConfigError(f"bits must be 4 or 8 (or unset for the model as loaded), got {self.bits!r}")
+        if self.bits is not None and self.method != "lora":
+            raise ConfigError(f"a {self.bits}-bit base trains adapters only; method {self.method!r} cannot use it")
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"quant_type {self.quant_type!r} is not one of {QUANT_TYPES}")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"optim {self.optim!r} is not one of {OPTIMIZERS}" + suggest(str(self.optim), OPTIMIZERS))
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.use_dora and self.method != "lora":

@@ -16,6 +16,7 @@ order). Under DDP the gradient all-reduce averages over processes, so each proce
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import signal
@@ -31,6 +32,12 @@ from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
 from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
+from lorakit.kbit import (
+    enable_activation_checkpointing,
+    import_bitsandbytes,
+    prepare_model_for_kbit_training,
+    quantize,
+)
 from lorakit.model import get_peft_model
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
@@ -41,9 +48,9 @@ from lorakit.training.report import plot_loss, side_by_side, write_metrics
 
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
-    "model", "method", "data", "r", "lora_alpha", "lora_dropout", "use_dora", "target_modules", "learning_rate",
-    "weight_decay", "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm",
-    "total_steps",
+    "model", "method", "data", "r", "lora_alpha", "lora_dropout", "use_dora", "bits", "quant_type", "double_quant",
+    "target_modules", "learning_rate", "weight_decay", "optim", "global_batch", "max_length", "overflow", "seed",
+    "scheduler", "warmup_steps", "max_grad_norm", "total_steps",
 ]  # fmt: skip
 
 
@@ -168,6 +175,17 @@ class Trainer:
             trainable = total = sum(p.numel() for p in self.model.parameters())
             self.log(f"full fine-tuning: {total:,} trainable parameters")
         else:
+            if cfg.bits is not None:  # QLoRA: quantize on the training device, then freeze and upcast
+                model = quantize(
+                    model.to(world.device), bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant
+                )
+                prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+                self.log(
+                    f"base quantized to {cfg.bits} bit"
+                    + (f" ({cfg.quant_type}, double quant {cfg.double_quant})" if cfg.bits == 4 else "")
+                )
+            elif cfg.gradient_checkpointing:
+                enable_activation_checkpointing(model)
             lora = LoraConfig(
                 r=cfg.r,
                 lora_alpha=cfg.lora_alpha,
@@ -199,7 +217,7 @@ class Trainer:
         from transformers import get_scheduler
 
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, cfg.warmup_steps, self.total_steps)
 
     def _facts(self) -> dict[str, Any]:
@@ -284,7 +302,9 @@ class Trainer:
             raise ConfigError("--resume is supported for LoRA runs; method 'full' is a baseline without resume")
         folder = ckpt.find_resume_checkpoint(Path(self.cfg.output).expanduser(), self.cfg.resume)
         state = ckpt.load_checkpoint(folder, self.model)
-        saved = {"use_dora": False, **state["info"]["settings"]}  # checkpoints from before --dora existed
+        # settings added after a checkpoint was written take their default (the behaviour it was trained with)
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RESUME_KEYS}
+        saved = {**defaults, **state["info"]["settings"]}
         ckpt.check_compatible(saved, self._facts(), RESUME_KEYS)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -438,6 +458,17 @@ class Trainer:
             "eval_after": ev(after),
             "history": history,
         }
+
+
+def build_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """torch's AdamW, or bitsandbytes' 8-bit (block-wise quantized state) / paged AdamW (QLoRA paper §3)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optim = import_bitsandbytes().optim
+    cls = {"adamw8bit": optim.AdamW8bit, "paged_adamw": optim.PagedAdamW, "paged_adamw8bit": optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def _supports_logit_mask(model: Any) -> bool:

@@ -1,0 +1,186 @@
+"""Quantized base models for QLoRA (Dettmers et al. 2023, arXiv 2305.14314; seed §5.1), with bitsandbytes.
+
+Two ways in, both ending with bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` layers that lorakit's adapter
+layers wrap like any linear (:mod:`lorakit.layers.quantized`):
+
+* a transformers model loaded with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=...)``;
+* :func:`quantize`, which converts an already-loaded model in place (the default SmolLM2 model arrives in
+  fp32 from its GGUF file).
+
+Then :func:`prepare_model_for_kbit_training` (PEFT's name) freezes the base, upcasts small half-precision
+parameters (norms, biases) to fp32 and turns on activation checkpointing.
+
+NF4 (paper §3): 16 levels at the quantiles of N(0, 1), blocks of 64 weights each scaled by its absmax.
+Double quantization: the fp32 absmax of every block is itself quantized to 8 bits in blocks of 256, which
+takes the overhead from 32/64 = 0.5 to 8/64 + 32/(64·256) ≈ 0.127 bits per parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError, MissingDependencyError
+from lorakit.layers import AdapterLayer, is_bnb_layer
+
+try:
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover
+    HFConv1D = None
+
+BNB_INSTALL = "pip install 'bitsandbytes>=0.49'"
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def import_bitsandbytes() -> Any:
+    """bitsandbytes, or :class:`MissingDependencyError` with the install command."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"4-bit and 8-bit base models need bitsandbytes (>= 0.49 runs on CPU as well as CUDA): {BNB_INSTALL}"
+        ) from exc
+    return bitsandbytes
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    return is_bnb_layer(module, "Linear4bit") or is_bnb_layer(module, "Linear8bitLt")
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Drop what transformers records about a bitsandbytes load (``hf_quantizer``, ``quantization_config``), once
+    no quantized layer is left: ``save_pretrained`` then writes a plain full-precision model."""
+    if any(is_quantized_layer(m) for m in model.modules()):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+        return
+    for holder, attr in ((model, "hf_quantizer"), (getattr(model, "config", None), "quantization_config")):
+        if holder is not None and hasattr(holder, attr):
+            delattr(holder, attr)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def quantize(
+    model: nn.Module,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    skip_modules: list[str] | None = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` (and transformers ``Conv1D``) but the output head by a quantized layer, in place.
+
+    Args:
+        model: a loaded model (any device bitsandbytes supports; CPU needs bitsandbytes >= 0.49).
+        bits: 4 (``Linear4bit``, QLoRA) or 8 (``Linear8bitLt``, LLM.int8() with outlier threshold 6).
+        quant_type: 4-bit code, ``"nf4"`` (NormalFloat, the paper's) or ``"fp4"``.
+        double_quant: quantize the blocks' absmax constants again (8 bit, blocks of 256).
+        compute_dtype: dtype of the 4-bit layers' matmuls (default: each layer's current dtype).
+        skip_modules: names (or name endings) kept in full precision; the output embedding always is.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        MissingDependencyError: bitsandbytes is not installed.
+        ConfigError: bad ``bits`` / ``quant_type``, or the model already holds lorakit adapter layers
+            (quantize the base model first, then add adapters).
+    """
+    if bits not in (4, 8):
+        raise ConfigError(f"bits={bits!r} is not supported; accepted: 4 (NF4/FP4, QLoRA) or 8 (LLM.int8())")
+    if quant_type not in QUANT_TYPES:
+        raise ConfigError(f"quant_type={quant_type!r} is not supported; accepted: {', '.join(QUANT_TYPES)}")
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ConfigError(
+            "this model already holds lorakit adapter layers; quantize the base model first, then call get_peft_model"
+        )
+    bnb = import_bitsandbytes()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = list(skip_modules or [])
+    for name, module in list(model.named_modules()):
+        conv1d = HFConv1D is not None and isinstance(module, HFConv1D)
+        if not (type(module) is nn.Linear or conv1d) or module is head:
+            continue
+        if any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        weight = module.weight.detach()
+        weight = weight.t() if conv1d else weight  # Conv1D stores (in, out)
+        out_features, in_features = weight.shape
+        dtype = compute_dtype or weight.dtype
+        with torch.device("meta"):
+            if bits == 4:
+                layer = bnb.nn.Linear4bit(
+                    in_features,
+                    out_features,
+                    bias=module.bias is not None,
+                    compute_dtype=dtype,
+                    compress_statistics=double_quant,
+                    quant_type=quant_type,
+                )
+            else:
+                layer = bnb.nn.Linear8bitLt(
+                    in_features, out_features, bias=module.bias is not None, has_fp16_weights=False, threshold=6.0
+                )
+        if bits == 4:
+            param = bnb.nn.Params4bit(
+                weight.contiguous(),
+                requires_grad=False,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+                module=layer,
+            )
+        else:
+            half = weight.contiguous().to(torch.float16)
+            param = bnb.nn.Int8Params(half, requires_grad=False, has_fp16_weights=False)
+        layer.weight = param.to(weight.device)  # the move quantizes
+        if module.bias is not None:
+            bias = module.bias.detach().to(dtype if bits == 4 else module.bias.dtype)
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Get a quantized base model ready for adapter training (PEFT's function, same behaviour).
+
+    Freezes every parameter, upcasts the half-precision parameters that are not quantized (layer norms,
+    biases, embeddings) to fp32 for stable updates and gradients, and with ``use_gradient_checkpointing``
+    turns on activation checkpointing (``use_reentrant=False`` unless given) with input gradients enabled,
+    so that the frozen embedding still passes gradients to the adapters behind it.
+
+    Returns:
+        ``model`` itself.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in model.parameters():
+        if type(param).__name__ in ("Params4bit", "Int8Params"):
+            continue  # quantized storage stays as it is
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.to(torch.float32)
+    if use_gradient_checkpointing:
+        enable_activation_checkpointing(model, gradient_checkpointing_kwargs)
+    return model
+
+
+def enable_activation_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
+    """Activation checkpointing (``use_reentrant=False`` unless ``kwargs`` say otherwise) with input gradients on,
+    so that a frozen embedding still passes gradients to the adapters behind it."""
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

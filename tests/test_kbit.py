@@ -1,0 +1,224 @@
+"""QLoRA: 4-bit (and 8-bit) bitsandbytes base layers under lorakit's LoRA and DoRA, on CPU.
+
+The reference for a quantized layer is a plain ``nn.Linear`` holding the weight bitsandbytes dequantizes to:
+LoRA on the 4-bit layer must equal LoRA on that fp32 layer up to the kernel's rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from conftest import input_ids, tiny_gpt2, tiny_llama
+from lorakit import LoraConfig, get_peft_model, prepare_model_for_kbit_training, quantize
+from lorakit.errors import ConfigError, MergeError
+from lorakit.layers import LoraLayer, kind_for
+
+bnb = pytest.importorskip("bitsandbytes", reason="QLoRA tests need bitsandbytes (CI installs it)")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+# The 16 NF4 levels (QLoRA paper, appendix E); the widest gap is between the two most negative, -1 and -0.696.
+NF4_HALF_STEP = (1.0 - 0.6961928009986877) / 2
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """The same model with every bitsandbytes layer replaced by an fp32 nn.Linear of its dequantized weight."""
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        kind = kind_for(module)
+        if kind is not None and kind.quantized:
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, kind.dequantize(module))
+    return plain
+
+
+def quantized_llama(**kw) -> nn.Module:
+    return quantize(tiny_llama(**kw), bits=4)
+
+
+def test_quantize_replaces_every_linear_but_the_head():
+    model = quantized_llama()
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("_proj",))}
+    assert kinds == {"Linear4bit"}
+    assert type(model.lm_head) is nn.Linear
+    gpt2 = quantize(tiny_gpt2(), bits=4)  # transformers' Conv1D is converted too (transposed to (out, in))
+    assert type(gpt2.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
+    ids = input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(gpt2(ids).logits, tiny_gpt2()(ids).logits, rtol=0, atol=0.25)
+
+
+def test_nf4_round_trip_is_within_half_a_step_of_each_block():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    holder = nn.Sequential(linear)
+    quantize(holder, bits=4, double_quant=False)
+    q = holder[0]
+    w = linear.weight.detach().reshape(-1, 64)  # bitsandbytes' blocks: 64 consecutive weights
+    err = (kind_for(q).dequantized_weight(q).reshape(-1, 64) - w).abs()
+    bound = NF4_HALF_STEP * w.abs().amax(dim=1, keepdim=True)
+    assert (err <= bound * (1 + 1e-3) + 1e-7).all()
+    assert err.max() > 0  # it is quantized
+
+
+def test_double_quant_adds_little_error():
+    torch.manual_seed(0)
+    errors = {}
+    for dq in (False, True):
+        linear = nn.Linear(256, 256)
+        holder = nn.Sequential(copy.deepcopy(linear))
+        quantize(holder, bits=4, double_quant=dq)
+        errors[dq] = (kind_for(holder[0]).dequantized_weight(holder[0]) - linear.weight).norm() / linear.weight.norm()
+    assert errors[True] < errors[False] * 1.05
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_on_4bit_equals_lora_on_the_dequantized_layer(use_dora):
+    ids = input_ids()
+    model = quantized_llama()
+    plain = dequantized_copy(model)
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_dora=use_dora)
+    torch.manual_seed(1)
+    q = get_peft_model(model, LoraConfig(**cfg))
+    p = get_peft_model(plain, LoraConfig(**cfg))
+    p.load_state_dict({k: v for k, v in q.state_dict().items() if "lora_" in k}, strict=False)
+    with torch.no_grad():
+        got, want = q(input_ids=ids).logits, p(input_ids=ids).logits
+    assert not torch.allclose(got, dequantized_copy(quantized_llama())(input_ids=ids).logits.detach())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_8bit_layers_take_adapters_too():
+    ids = input_ids()
+    model = quantize(tiny_llama(), bits=8)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    plain = dequantized_copy(model)
+    cfg = dict(r=4, target_modules=TARGETS, init_lora_weights=False)
+    q = get_peft_model(model, LoraConfig(**cfg))
+    p = get_peft_model(plain, LoraConfig(**cfg))
+    p.load_state_dict({k: v for k, v in q.state_dict().items() if "lora_" in k}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(q(input_ids=ids).logits, p(input_ids=ids).logits, rtol=0, atol=0.05)
+
+
+def test_training_follows_lora_on_the_dequantized_model_and_leaves_the_base_alone():
+    """QLoRA's loss curve equals LoRA's on the dequantized fp32 weights (the same function), and it falls."""
+    ids = input_ids(batch=4, seq=12)
+    quantized = prepare_model_for_kbit_training(quantized_llama())
+    curves, frozen_after = [], {}
+    for model in (quantized, dequantized_copy(quantized)):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+        peft_model.train()
+        losses = []
+        for _ in range(20):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(losses)
+        frozen_after = {n: p for n, p in peft_model.named_parameters() if n in frozen}
+        assert all(torch.equal(frozen_after[n].detach(), frozen[n]) for n in frozen)
+    qlora, lora = curves
+    assert qlora[-1] < 0.92 * qlora[0], qlora
+    torch.testing.assert_close(torch.tensor(qlora), torch.tensor(lora), rtol=1e-3, atol=1e-3)
+
+
+def test_saved_adapter_is_plain_lora_that_loads_on_the_unquantized_base(tmp_path):
+    ids = input_ids()
+    model = quantized_llama()
+    plain = dequantized_copy(model)
+    q = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    q.save_pretrained(tmp_path / "qlora")
+    reference = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=TARGETS))
+    reference.save_pretrained(tmp_path / "fp32")
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "qlora" / "adapter_model.safetensors").keys() == (
+        load_file(tmp_path / "fp32" / "adapter_model.safetensors").keys()
+    )
+    loaded = lorakit.PeftModel.from_pretrained(plain, tmp_path / "qlora")  # on the dequantized fp32 weights
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, q(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_refuses_to_requantize_and_merge_and_unload_dequantizes(tmp_path):
+    ids = input_ids()
+    q = get_peft_model(quantized_llama(), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        expected = q(input_ids=ids).logits
+    before = {n: t.clone() for n, t in q.state_dict().items()}
+    with pytest.raises(MergeError, match="requantize"):
+        q.merge_adapter()
+    for name, tensor in q.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    merged = q.merge_and_unload()
+    assert not any(lorakit.kbit.is_quantized_layer(m) or isinstance(m, LoraLayer) for m in merged.modules())
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    merged.save_pretrained(tmp_path / "merged")  # plain transformers reloads it
+    again = type(merged).from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_and_unload_in_bf16():
+    q = get_peft_model(quantized_llama(), LoraConfig(r=4, target_modules=TARGETS))
+    merged = q.merge_and_unload(dequantize_dtype=torch.bfloat16)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_prepare_model_for_kbit_training_upcasts_and_checkpoints():
+    model = quantize(tiny_llama().to(torch.bfloat16), bits=4)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    prepare_model_for_kbit_training(model)
+    assert model.model.norm.weight.dtype == torch.float32
+    assert all(not p.requires_grad for p in model.parameters())
+    assert model.is_gradient_checkpointing
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ConfigError, match="bits=3 is not supported"):
+        quantize(tiny_llama(), bits=3)
+    with pytest.raises(ConfigError, match="quant_type='int4' is not supported; accepted: nf4, fp4"):
+        quantize(tiny_llama(), quant_type="int4")
+    adapted = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS))
+    with pytest.raises(ConfigError, match="quantize the base model first"):
+        quantize(adapted)
+
+
+def test_transformers_4bit_load_trains_and_merges_into_a_plain_model(tmp_path):
+    """The other way in: from_pretrained(quantization_config=BitsAndBytesConfig(...)), on CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ids = input_ids()
+    tiny_llama().save_pretrained(tmp_path / "base")
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config, device_map="cpu")
+    assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    model = get_peft_model(
+        prepare_model_for_kbit_training(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, full precision
+    assert getattr(again.config, "quantization_config", None) is None
+    assert type(again.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
