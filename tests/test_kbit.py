@@ -29,6 +29,9 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """The same model with every bitsandbytes layer replaced by an fp32 nn.Linear of its dequantized weight."""
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.dequantize()
+            continue
         kind = kind_for(module)
         if kind is not None and kind.quantized:
             parent, _, child = name.rpartition(".")
@@ -191,9 +194,64 @@ def test_bad_arguments_are_named():
         quantize(tiny_llama(), bits=3)
     with pytest.raises(ConfigError, match="quant_type='int4' is not supported; accepted: nf4, fp4"):
         quantize(tiny_llama(), quant_type="int4")
-    adapted = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS))
-    with pytest.raises(ConfigError, match="quantize the base model first"):
-        quantize(adapted)
+    merged = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS))
+    merged.merge_adapter()
+    with pytest.raises(ConfigError, match="unmerge them before quantizing"):
+        quantize(merged)
+    with pytest.raises(ConfigError, match="loftq_bits=2 is not supported"):
+        get_peft_model(tiny_llama(), LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 2}))
+    with pytest.raises(ConfigError, match="needs loftq_config"):
+        LoraConfig(init_lora_weights="loftq")
+
+
+def test_quantizing_an_adapted_model_quantizes_only_the_base_layers():
+    ids = input_ids()
+    adapted = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    quantize(adapted)
+    layer = adapted.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraLayer) and layer.kind.name == "linear4bit"
+    assert type(layer.lora_A["default"]) is nn.Linear  # the adapter stays in full precision
+    assert type(adapted.base_model.model.model.layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    reference = dequantized_copy(adapted)
+    assert not any(lorakit.kbit.is_quantized_layer(m) for m in reference.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-2)
+
+
+def test_loftq_factors_are_the_best_rank_r_fix_of_the_quantization_error():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * 0.05
+    from lorakit.layers.loftq import loftq_factors, nf4_round_trip
+
+    q, a, b = loftq_factors(w, r=4, scaling=2.0, iters=1)
+    torch.testing.assert_close(q, nf4_round_trip(w))
+    sigma = torch.linalg.svdvals(w - q)
+    residual = torch.linalg.norm(w - q - 2.0 * b @ a)
+    torch.testing.assert_close(residual, sigma[4:].square().sum().sqrt(), rtol=1e-4, atol=1e-6)  # Eckart-Young
+    assert residual < torch.linalg.norm(w - q)
+    q5, a5, b5 = loftq_factors(w, r=4, scaling=2.0, iters=5)
+    assert torch.linalg.norm(w - q5 - 2.0 * b5 @ a5) <= residual * 1.01  # more alternations do not hurt
+
+
+def test_loftq_then_quantize_starts_closer_to_the_full_precision_model():
+    ids = input_ids()
+    original = tiny_llama(initializer_range=0.2)  # larger weights: a visible quantization error
+    with torch.no_grad():
+        expected = original(input_ids=ids).logits
+    cfg = dict(r=8, lora_alpha=16, target_modules="all-linear")
+    loftq = get_peft_model(
+        tiny_llama(initializer_range=0.2),
+        LoraConfig(**cfg, init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 2}),
+    )
+    q_weight = loftq.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.detach().clone()
+    quantize(loftq)
+    layer = loftq.base_model.model.model.layers[0].mlp.down_proj
+    torch.testing.assert_close(layer.kind.dequantized_weight(layer.base_layer), q_weight, rtol=0, atol=1e-3)
+    plain = get_peft_model(quantize(tiny_llama(initializer_range=0.2)), LoraConfig(**cfg))  # B = 0: just Q
+    with torch.no_grad():
+        loftq_gap = (loftq(input_ids=ids).logits - expected).abs().mean()
+        plain_gap = (plain(input_ids=ids).logits - expected).abs().mean()
+    assert loftq_gap < 0.8 * plain_gap, (loftq_gap, plain_gap)
 
 
 def test_transformers_4bit_load_trains_and_merges_into_a_plain_model(tmp_path):

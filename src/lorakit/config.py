@@ -65,7 +65,6 @@ _PEFT_INERT_FIELDS: dict[str, Any] = {
     "eva_config": None,
     "kasa_config": None,
     "layer_replication": None,
-    "loftq_config": {},
     "lora_bias": False,
     "lora_ga_config": None,
     "megatron_config": None,
@@ -114,7 +113,7 @@ TASK_HEADS: dict[TaskType, list[str]] = {
     TaskType.QUESTION_ANS: ["qa_outputs"],
 }
 
-InitLoraWeights = bool | Literal["gaussian"]
+InitLoraWeights = bool | Literal["gaussian", "loftq"]
 
 
 def _enum_value(value: Any, enum_cls: type[enum.Enum], field_name: str) -> Any:
@@ -158,7 +157,11 @@ class LoraConfig:
     """Modules (name suffixes) trained in full and saved with the adapter, e.g. a new classifier head."""
     init_lora_weights: InitLoraWeights = True
     """True: A Kaiming-uniform (as ``nn.Linear``), B = 0, so the model starts equal to the base.
-    "gaussian": A ~ N(0, 1/r), B = 0. False: A and B both random (ΔW ≠ 0; for tests)."""
+    "gaussian": A ~ N(0, 1/r), B = 0. False: A and B both random (ΔW ≠ 0; for tests). "loftq": LoftQ
+    (arXiv 2310.08659) on a full-precision model: each adapted weight becomes its NF4 round trip Q and B, A
+    start at the rank-r SVD of W − Q, so Q + s·BA ≈ W; then ``lorakit.quantize`` stores Q in 4 bits."""
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    """With ``init_lora_weights="loftq"``: ``{"loftq_bits": 4, "loftq_iter": T}`` (PEFT's LoftQConfig fields)."""
     layers_to_transform: list[int] | int | None = None
     """Only adapt layers with these indices (the number after ``layers_pattern`` in the module name)."""
     layers_pattern: list[str] | str | None = None
@@ -198,9 +201,19 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} is invalid; accepted: a number in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} is invalid; accepted: 'none', 'all', 'lora_only'")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if self.init_lora_weights not in (True, False, "gaussian", "loftq"):
             raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; accepted: True, False, 'gaussian'"
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; "
+                "accepted: True, False, 'gaussian', 'loftq'"
+            )
+        if dataclasses.is_dataclass(self.loftq_config):  # PEFT's LoftQConfig object
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        unknown = set(self.loftq_config or {}) - {"loftq_bits", "loftq_iter"}
+        if unknown:
+            raise ConfigError(f"loftq_config has unknown keys {sorted(unknown)}; accepted: loftq_bits, loftq_iter")
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
+            raise ConfigError(
+                "init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}"
             )
         self.target_modules = _name_selector("target_modules", self.target_modules)
         self.exclude_modules = _name_selector("exclude_modules", self.exclude_modules)
@@ -280,7 +293,8 @@ class LoraConfig:
             else:
                 warnings.warn(f"ignoring unknown adapter config field {key!r}", stacklevel=2)
         if kwargs.get("init_lora_weights") not in (None, True, False, "gaussian"):
-            # The init only matters at creation; a loaded adapter overwrites A and B anyway.
+            # The init only matters at creation; a loaded adapter overwrites A and B anyway (and LoftQ would
+            # rewrite the base weights, which a load must never do).
             kwargs["init_lora_weights"] = True
         return cls(**kwargs)
 

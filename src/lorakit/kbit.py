@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, MissingDependencyError
-from lorakit.layers import AdapterLayer, is_bnb_layer
+from lorakit.layers import AdapterLayer, LoraLayer, is_bnb_layer, kind_for
 
 try:
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -84,67 +84,88 @@ def quantize(
         compute_dtype: dtype of the 4-bit layers' matmuls (default: each layer's current dtype).
         skip_modules: names (or name endings) kept in full precision; the output embedding always is.
 
+    A model that already holds lorakit adapters (e.g. after a LoftQ initialisation) keeps them in full
+    precision; only the base layers under them are quantized.
+
     Returns:
         ``model`` itself.
 
     Raises:
         MissingDependencyError: bitsandbytes is not installed.
-        ConfigError: bad ``bits`` / ``quant_type``, or the model already holds lorakit adapter layers
-            (quantize the base model first, then add adapters).
+        ConfigError: bad ``bits`` / ``quant_type``, or an adapted layer with merged adapters.
     """
     if bits not in (4, 8):
         raise ConfigError(f"bits={bits!r} is not supported; accepted: 4 (NF4/FP4, QLoRA) or 8 (LLM.int8())")
     if quant_type not in QUANT_TYPES:
         raise ConfigError(f"quant_type={quant_type!r} is not supported; accepted: {', '.join(QUANT_TYPES)}")
-    if any(isinstance(m, AdapterLayer) for m in model.modules()):
-        raise ConfigError(
-            "this model already holds lorakit adapter layers; quantize the base model first, then call get_peft_model"
-        )
     bnb = import_bitsandbytes()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = list(skip_modules or [])
+    adapter_layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    inside = {id(sub) for layer in adapter_layers for sub in layer.modules() if sub is not layer}
     for name, module in list(model.named_modules()):
-        conv1d = HFConv1D is not None and isinstance(module, HFConv1D)
-        if not (type(module) is nn.Linear or conv1d) or module is head:
+        if module is head or any(name == s or name.endswith("." + s) for s in skip):
             continue
-        if any(name == s or name.endswith("." + s) for s in skip):
+        if isinstance(module, LoraLayer):  # an adapted layer: its base is quantized, its adapters are not
+            if _convertible(module.base_layer) and module.base_layer is not head:
+                if module.merged_adapters:
+                    raise ConfigError(
+                        f"{name} holds merged adapters {module.merged_adapters}; unmerge them before quantizing "
+                        "(a quantized weight could not be unmerged exactly)"
+                    )
+                module.base_layer = _quantized(bnb, module.base_layer, bits, quant_type, double_quant, compute_dtype)
+                module.kind = kind_for(module.base_layer)
             continue
-        weight = module.weight.detach()
-        weight = weight.t() if conv1d else weight  # Conv1D stores (in, out)
-        out_features, in_features = weight.shape
-        dtype = compute_dtype or weight.dtype
-        with torch.device("meta"):
-            if bits == 4:
-                layer = bnb.nn.Linear4bit(
-                    in_features,
-                    out_features,
-                    bias=module.bias is not None,
-                    compute_dtype=dtype,
-                    compress_statistics=double_quant,
-                    quant_type=quant_type,
-                )
-            else:
-                layer = bnb.nn.Linear8bitLt(
-                    in_features, out_features, bias=module.bias is not None, has_fp16_weights=False, threshold=6.0
-                )
-        if bits == 4:
-            param = bnb.nn.Params4bit(
-                weight.contiguous(),
-                requires_grad=False,
-                compress_statistics=double_quant,
-                quant_type=quant_type,
-                module=layer,
-            )
-        else:
-            half = weight.contiguous().to(torch.float16)
-            param = bnb.nn.Int8Params(half, requires_grad=False, has_fp16_weights=False)
-        layer.weight = param.to(weight.device)  # the move quantizes
-        if module.bias is not None:
-            bias = module.bias.detach().to(dtype if bits == 4 else module.bias.dtype)
-            layer.bias = nn.Parameter(bias, requires_grad=False)
+        if id(module) in inside or not _convertible(module):
+            continue  # adapter factors and trained copies stay in full precision
         parent_name, _, child = name.rpartition(".")
+        layer = _quantized(bnb, module, bits, quant_type, double_quant, compute_dtype)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
+
+
+def _convertible(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or (HFConv1D is not None and isinstance(module, HFConv1D))
+
+
+def _quantized(
+    bnb: Any, module: nn.Module, bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype | None
+) -> nn.Module:
+    """A bitsandbytes layer computing what ``module`` (nn.Linear or Conv1D) computes, its weight quantized."""
+    weight = module.weight.detach()
+    weight = weight.t() if not isinstance(module, nn.Linear) else weight  # Conv1D stores (in, out)
+    out_features, in_features = weight.shape
+    dtype = compute_dtype or weight.dtype
+    with torch.device("meta"):
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(
+                in_features,
+                out_features,
+                bias=module.bias is not None,
+                compute_dtype=dtype,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+            )
+        else:
+            layer = bnb.nn.Linear8bitLt(
+                in_features, out_features, bias=module.bias is not None, has_fp16_weights=False, threshold=6.0
+            )
+    if bits == 4:
+        param = bnb.nn.Params4bit(
+            weight.contiguous(),
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+            module=layer,
+        )
+    else:
+        half = weight.contiguous().to(torch.float16)
+        param = bnb.nn.Int8Params(half, requires_grad=False, has_fp16_weights=False)
+    layer.weight = param.to(weight.device)  # the move quantizes
+    if module.bias is not None:
+        bias = module.bias.detach().to(dtype if bits == 4 else module.bias.dtype)
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
 
 
 def prepare_model_for_kbit_training(

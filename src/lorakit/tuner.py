@@ -149,6 +149,7 @@ class LoraModel(nn.Module):
                     config.use_rslora,
                     dtype=self._adapter_dtype(layer),
                     use_dora=config.use_dora,
+                    loftq_config=config.loftq_config,
                 )
                 if config.use_dora:
                     layer.lora_magnitude_vector[adapter_name].grad_through_norm = config.dora_grad_through_norm

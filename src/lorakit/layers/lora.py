@@ -17,6 +17,7 @@ from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError,
 from lorakit.layers.delta import lora_delta, lora_scaling
 from lorakit.layers.dora import DoraVariant
 from lorakit.layers.kinds import LayerKind, kind_for
+from lorakit.layers.loftq import loftq_initialize
 from lorakit.layers.variant import LoraVariant
 
 #: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
@@ -98,6 +99,7 @@ class LoraLayer(AdapterLayer):
         use_rslora: bool = False,
         dtype: torch.dtype | None = None,
         use_dora: bool = False,
+        loftq_config: dict[str, Any] | None = None,
     ) -> None:
         """Create adapter ``adapter`` with its own A, B and dropout, placed on the base weight's device.
 
@@ -105,6 +107,8 @@ class LoraLayer(AdapterLayer):
             dtype: dtype of A and B (and of DoRA's magnitude); defaults to the base weight's floating dtype.
             use_dora: make it a DoRA adapter (:mod:`lorakit.layers.dora`): a magnitude per output feature,
                 initialised so that the layer's output is unchanged.
+            loftq_config: with ``init_lora_weights="loftq"``, the arguments of
+                :func:`~lorakit.layers.loftq.loftq_initialize` (which also rewrites the base weight to Q).
 
         Raises:
             AdapterExistsError: the layer already holds an adapter of that name.
@@ -123,6 +127,8 @@ class LoraLayer(AdapterLayer):
         for container, factor in zip(self.kind.containers, (a, b)):
             getattr(self, container)[adapter] = factor.to(device=weight.device, dtype=dtype)
         self.kind.init_factors(self, adapter, init_lora_weights)
+        if init_lora_weights == "loftq":
+            loftq_initialize(self, adapter, **(loftq_config or {}))
         self.variant[adapter] = VARIANTS["dora" if use_dora else "lora"]
         self.variant[adapter].attach(self, adapter)
 
