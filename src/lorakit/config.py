@@ -212,9 +212,7 @@ class LoraConfig:
         if unknown:
             raise ConfigError(f"loftq_config has unknown keys {sorted(unknown)}; accepted: loftq_bits, loftq_iter")
         if self.init_lora_weights == "loftq" and not self.loftq_config:
-            raise ConfigError(
-                "init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}"
-            )
+            raise ConfigError("init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}")
         self.target_modules = _name_selector("target_modules", self.target_modules)
         self.exclude_modules = _name_selector("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
