@@ -280,3 +280,23 @@ def test_transformers_4bit_load_trains_and_merges_into_a_plain_model(tmp_path):
     assert type(again.model.layers[0].self_attn.q_proj) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(64, 128), (1536, 576), (100, 36)])
+def test_estimate_nf4_bytes_equal_what_bitsandbytes_stores(shape, double_quant):
+    """``lorakit estimate``'s 4-bit formula against the real storage (code tables aside, as it says)."""
+    from lorakit.estimate import nf4_bytes
+
+    holder = nn.Sequential(nn.Linear(shape[1], shape[0], bias=False))
+    quantize(holder, bits=4, double_quant=double_quant)
+    weight = holder[0].weight
+    stored = weight.numel() * weight.element_size()
+    state = weight.quant_state
+    while state is not None:
+        for name in ("absmax", "offset"):
+            t = getattr(state, name, None)
+            if isinstance(t, torch.Tensor):
+                stored += t.numel() * t.element_size()
+        state = getattr(state, "state2", None)
+    assert stored == nf4_bytes(shape[0] * shape[1], double_quant=double_quant)

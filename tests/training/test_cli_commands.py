@@ -110,3 +110,25 @@ def test_generate_and_merge_default_to_the_adapters_recorded_base(tmp_path, mode
     assert main(["generate", "--adapter", str(folder), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
     assert main(["merge", "--adapter", str(folder), "--output", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_merge_of_a_qlora_adapter_onto_the_4bit_base(tmp_path, model_dir, capsys):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (CI installs it)")
+    from lorakit import quantize
+
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    base = quantize(AutoModelForCausalLM.from_pretrained(model_dir), bits=4)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(ids).logits
+    args = ["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter")]
+    assert main([*args, "--bits", "4", "-o", str(tmp_path / "merged")]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, fp32
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert main([*args, "-o", str(tmp_path / "onto_fp32")]) == 0  # onto the original weights: a different model
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "onto_fp32")
+    with torch.no_grad():
+        assert not torch.allclose(other(ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,9 @@ examples:
   lorakit merge --adapter runs/dates --output merged/dates
   lorakit merge --model path/to/base --adapter runs/mine --output merged/mine --dtype bf16
 
+  # a QLoRA adapter onto the 4-bit base it was trained on: dequantized NF4 weights + ΔW, saved in bf16
+  lorakit merge --adapter runs/qlora --bits 4 --output merged/qlora --dtype bf16
+
 Then, with no lorakit at all:
   python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('merged/dates')"
 
@@ -34,6 +37,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--adapter", required=True, help="adapter folder (lorakit or PEFT format)")
     p.add_argument("--output", "-o", required=True, help="folder for the merged model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights (fp32)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="quantize the base as in training (lorakit train --qlora / --bits) before merging, so the adapter "
+        "meets the weights it was trained on; the result is dequantized, never requantized",
+    )
+    p.add_argument("--quant-type", dest="quant_type", choices=["nf4", "fp4"], default="nf4", help="with --bits 4")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="with --bits 4")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logits check")
     p.add_argument("--probe", default="The quick brown fox jumps over the lazy dog.", help="text for the check")
@@ -55,11 +68,15 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise AdapterFileError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
     base, tokenizer = load_model(base_model_for(args.model, args.adapter))
+    if args.bits is not None:
+        from lorakit.kbit import quantize
+
+        quantize(base, bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant)
     model = PeftModel.from_pretrained(base, args.adapter)
     probe = tokenizer(args.probe, return_tensors="pt")
     with torch.inference_mode():
         unmerged = model(**probe).logits if args.verify else None
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload(dequantize_dtype=torch.float32)
     if args.verify:
         with torch.inference_mode():
             diff = (merged(**probe).logits - unmerged).abs().max().item()
