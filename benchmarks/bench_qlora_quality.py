@@ -44,7 +44,7 @@ from models import load_smollm2  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.kbit import is_quantized_layer  # noqa: E402
-from lorakit.layers.loftq import loftq_factors  # noqa: E402
+from lorakit.layers.loftq import loftq_factors, nf4_round_trip  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -102,12 +102,12 @@ def absmax_int4(model: nn.Module, block: int = 64) -> nn.Module:
 
 
 def loftq_errors(model: nn.Module, r: int, scaling: float, iters: int) -> dict[str, float]:
-    """Frobenius norms over all quantizable layers of W − Q and W − (Q + s·BA) with LoftQ's factors."""
+    """Frobenius norms over all quantizable layers: W − q(W) (plain NF4) and W − (Q_T + s·BA) (LoftQ, T = iters)."""
     quant, loftq = 0.0, 0.0
     for m in quantizable(model):
         w = m.weight.detach().float()
         q, a, b = loftq_factors(w, r, scaling, iters)
-        quant += torch.linalg.norm(w - q).item() ** 2
+        quant += torch.linalg.norm(w - nf4_round_trip(w)).item() ** 2
         loftq += torch.linalg.norm(w - q - scaling * (b @ a)).item() ** 2
     quant, loftq = math.sqrt(quant), math.sqrt(loftq)
     return {"quantization_error": quant, "loftq_error": loftq, "reduction": 1 - loftq / quant}
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             loftq[iters] = loftq_errors(base, 8, 2.0, iters)
             e = loftq[iters]
             print(
-                f"LoftQ, {iters} alternation(s): ‖W − Q‖ = {e['quantization_error']:.3f}, "
+                f"LoftQ, {iters} alternation(s): ‖W − q(W)‖ = {e['quantization_error']:.3f}, "
                 f"‖W − (Q + s·BA)‖ = {e['loftq_error']:.3f} ({e['reduction']:.1%} lower), over all linear layers"
             )
     fp32 = results["fp32"]
