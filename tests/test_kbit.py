@@ -300,3 +300,14 @@ def test_estimate_nf4_bytes_equal_what_bitsandbytes_stores(shape, double_quant):
                 stored += t.numel() * t.element_size()
         state = getattr(state, "state2", None)
     assert stored == nf4_bytes(shape[0] * shape[1], double_quant=double_quant)
+
+
+def test_failed_loftq_injection_restores_the_base_weights():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Embedding(10, 64))  # LoftQ takes the Linear, refuses the Embedding
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoraConfig(r=4, target_modules=["0", "1"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
+    with pytest.raises(ConfigError, match="LoftQ initialises full-precision linear layers"):
+        get_peft_model(model, config)
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Embedding
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

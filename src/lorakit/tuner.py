@@ -135,6 +135,12 @@ class LoraModel(nn.Module):
             kind.features(base)  # raises early for unsupported geometry (e.g. grouped convolutions)
             plans.append((name, module, kind))
 
+        # LoftQ rewrites base weights: keep them so that a failed injection leaves the model as it was
+        originals = (
+            [kind.base_weight(m.base_layer if isinstance(m, LoraLayer) else m).detach().clone() for _, m, kind in plans]
+            if config.init_lora_weights == "loftq"
+            else []
+        )
         try:
             for name, module, kind in plans:
                 layer = module if isinstance(module, LoraLayer) else LoraLayer(module, kind)
@@ -159,6 +165,9 @@ class LoraModel(nn.Module):
             self._add_modules_to_save(adapter_name, config)
         except BaseException:
             self.remove_adapter_layers(adapter_name)
+            with torch.no_grad():
+                for (_, module, kind), weight in zip(plans, originals):
+                    kind.base_weight(module.base_layer if isinstance(module, LoraLayer) else module).copy_(weight)
             raise
         self._freeze_all()
         self.set_adapter([a for a in self.active_adapters if a in self.peft_config])
