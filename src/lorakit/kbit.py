@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, MissingDependencyError
-from lorakit.layers import AdapterLayer, LoraLayer, is_bnb_layer, kind_for
+from lorakit.layers import AdapterLayer, LoraLayer, kind_for
 
 try:
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -47,7 +47,9 @@ def import_bitsandbytes() -> Any:
 
 
 def is_quantized_layer(module: nn.Module) -> bool:
-    return is_bnb_layer(module, "Linear4bit") or is_bnb_layer(module, "Linear8bitLt")
+    """Whether a layer kind stores this module's weight quantized (bitsandbytes 4/8-bit linears)."""
+    kind = kind_for(module)
+    return kind is not None and kind.quantized
 
 
 def forget_quantization(model: nn.Module) -> None:

@@ -105,10 +105,11 @@ class DoraMagnitude(nn.Module):
         return value
 
     def clear_cache(self) -> None:
+        """Forget cached norms (needed only after changing a weight through ``.data``, which bumps nothing)."""
         self._cache.clear()
 
     def train(self, mode: bool = True) -> DoraMagnitude:
-        self._cache.clear()  # a mode switch is where users expect state to be re-read
+        self.clear_cache()  # a mode switch is where users expect state to be re-read
         return super().train(mode)
 
     def extra_repr(self) -> str:

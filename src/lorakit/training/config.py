@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError, suggest
+from lorakit.kbit import QUANT_TYPES
 
 METHODS = ("lora", "full")
 #: Optimizers by ``--optim`` name: torch's AdamW, or bitsandbytes' 8-bit / paged variants (QLoRA paper §3).
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
-QUANT_TYPES = ("nf4", "fp4")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OVERFLOW = ("truncate", "drop")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
