@@ -48,6 +48,7 @@ absolute seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import itertools
@@ -123,10 +124,21 @@ def build_peft(base: torch.nn.Module, copy_model: bool = True) -> torch.nn.Modul
     return model
 
 
+def build_lorakit_fp32(base: torch.nn.Module) -> torch.nn.Module:
+    """lorakit LoRA on the full-precision base, whatever --qlora says (the reference of a QLoRA step's memory)."""
+    saved = dict(QLORA)
+    QLORA.clear()
+    try:
+        return build_lorakit(base)
+    finally:
+        QLORA.update(saved)
+
+
 BUILDERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
     "floor": build_floor,
     "lorakit": build_lorakit,
     "peft": build_peft,
+    "lorakit_fp32": build_lorakit_fp32,
 }
 
 
@@ -243,6 +255,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _return_freed_memory() -> None:
+    """glibc's malloc_trim(0): hand freed heap pages back to the system, so that VmRSS is what is live."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def _profiler_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak live bytes of torch CPU allocations during ``fn()``, relative to its start (every alloc/free)."""
     from torch._C._profiler import _EventType
@@ -272,6 +295,7 @@ def measure_memory_child(variant: str, threads: int, methods: str) -> dict[str, 
     del loaded
     step = make_step(model, x)
     gc.collect()
+    _return_freed_memory()  # the fp32 model this process loaded first is not counted as resident
     out: dict[str, Any] = {"variant": variant}
     if methods in ("rss", "both"):
         rss_before = _proc_status_kb("VmRSS")
@@ -351,6 +375,8 @@ def main() -> None:
         LORA["use_dora"] = True
     if args.qlora:
         QLORA.update(bits=4, quant_type="nf4", double_quant=True)
+    elif not args.memory_child:
+        del BUILDERS["lorakit_fp32"]  # the same as "lorakit" without --qlora
     if args.report:
         result = json.loads(args.report.read_text())
         add_ratios(result)
@@ -450,7 +476,7 @@ def main() -> None:
     memory: dict[str, Any] = {}
     if args.memory != "none":
         print(f"peak memory of the first training step, fresh process per variant (method: {args.memory})")
-        memory = measure_memory(["floor", "lorakit", "peft"], args.threads, args.memory)
+        memory = measure_memory(list(BUILDERS), args.threads, args.memory)
 
     # report
     step = {n: summary(s) for n, s in step_samples.items()}
@@ -490,8 +516,9 @@ def main() -> None:
         "train_step": step,
         "forward": forward,
         "memory_method": {
-            "rss": "fresh subprocess per variant; VmHWM after the first step minus VmRSS before it, the "
-            "high-water mark reset via /proc/self/clear_refs",
+            "rss": "fresh subprocess per variant; freed heap returned with malloc_trim(0) after building; "
+            "VmHWM after the first step minus VmRSS before it, the high-water mark reset via /proc/self/clear_refs "
+            "(peak_rss_mib: the whole process at its peak)",
             "profiler": "same subprocess, second step; peak cumulative bytes over every CPU alloc/free event "
             "of torch.profiler(profile_memory=True)",
         },
@@ -516,6 +543,7 @@ RATIOS = {  # name: (section, numerator, denominator)
     "unmerged_forward_lorakit/base": ("forward", "lorakit", "base"),
     "unmerged_forward_peft/base": ("forward", "peft", "base"),
     "merged_forward_lorakit/base": ("forward", "lorakit_merged", "base"),
+    "qlora_step/lora_fp32_step": ("train_step", "lorakit", "lorakit_fp32"),  # --qlora runs only
 }
 
 
@@ -525,6 +553,8 @@ def add_ratios(result: dict[str, Any]) -> None:
     ``per_repeat_ratios``: every repeat's ratio."""
     ratios, paired, per_repeat = {}, {}, {}
     for name, (section, num, den) in RATIOS.items():
+        if num not in result[section] or den not in result[section]:
+            continue
         a, b = result[section][num], result[section][den]
         ratios[name] = a["median_s"] / b["median_s"]
         per_repeat[name] = [x / y for x, y in zip(a["samples_s"], b["samples_s"])]
@@ -535,6 +565,10 @@ def add_ratios(result: dict[str, Any]) -> None:
             ratios[f"peak_memory_lorakit/peft ({method})"] = (
                 memory["lorakit"][method]["step_peak_mib"] / memory["peft"][method]["step_peak_mib"]
             )
+    if "rss" in memory.get("lorakit_fp32", {}):  # --qlora: the whole process at its peak, 4-bit vs fp32 base
+        ratios["peak_process_rss_qlora/lora_fp32"] = (
+            memory["lorakit"]["rss"]["peak_rss_mib"] / memory["lorakit_fp32"]["rss"]["peak_rss_mib"]
+        )
     result["ratios"], result["paired_ratios"], result["per_repeat_ratios"] = ratios, paired, per_repeat
 
 
@@ -550,6 +584,9 @@ def report(result: dict[str, Any]) -> None:
             if method in res:
                 label = f"peak step memory {variant} ({method})"
                 print(f"{label:<42}{res[method]['step_peak_mib']:>7.0f}MiB")
+        if "rss" in res:
+            label = f"resident before / at peak {variant}"
+            print(f"{label:<42}{res['rss']['rss_before_mib']:>7.0f}MiB{res['rss']['peak_rss_mib']:>7.0f}MiB")
     print()
     print(f"{'ratio':<42}{'medians':>8}{'paired':>9}   per-repeat range")
     for name, value in result["ratios"].items():

@@ -19,6 +19,7 @@ RANK = {
     "lorakit.targeting": 4,
     "lorakit.kbit": 4,
     "lorakit.tuner": 5,
+    "lorakit.adalora": 5,
     "lorakit.persistence": 6,
     "lorakit.model": 7,
     "lorakit.hub": 8,

@@ -311,3 +311,81 @@ def test_failed_loftq_injection_restores_the_base_weights():
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Embedding
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("make, bits", [(tiny_llama, 4), (tiny_gpt2, 4), (tiny_llama, 8)])
+def test_a_quantized_model_saves_pre_quantized_and_plain_transformers_loads_it(tmp_path, make, bits):
+    """quantize() records the BitsAndBytesConfig: save_pretrained writes the packed weights and constants, and
+    from_pretrained (no lorakit, no quantization arguments) rebuilds the same bitsandbytes layers."""
+    from transformers import AutoModelForCausalLM
+
+    ids = input_ids()
+    model = quantize(make(), bits=bits).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    kinds = {type(m).__name__ for m in again.modules()}
+    assert ("Linear4bit" if bits == 4 else "Linear8bitLt") in kinds
+    assert type(again.get_output_embeddings()) is nn.Linear  # the head stays full precision
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=0, atol=0)
+    settings = again.config.quantization_config
+    assert (settings.load_in_4bit, settings.load_in_8bit) == (bits == 4, bits == 8)
+
+
+def test_replace_lora_weights_loftq_fits_the_residual_of_the_quantized_base(tmp_path):
+    """PEFT's replace_lora_weights_loftq: A, B = rank-r SVD of W − Q with Q the stored 4-bit weight, from the
+    original safetensors files or from weights in memory; the base is left as quantized."""
+    from transformers import AutoModelForCausalLM
+
+    original = tiny_llama(initializer_range=0.2)
+    original.save_pretrained(tmp_path / "fp32")
+    w = original.model.layers[1].mlp.down_proj.weight.detach().clone()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    model = get_peft_model(quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")), cfg)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    stored = layer.base_layer.weight.detach().clone()
+    report = lorakit.replace_lora_weights_loftq(model)  # default: the files the model was loaded from
+    assert set(report) == {f"model.layers.{i}.{t}" for i in range(2) for t in
+                           ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}  # fmt: skip
+    q = layer.kind.dequantized_weight(layer.base_layer).float()
+    sigma = torch.linalg.svdvals(w - q)
+    fit = report["model.layers.1.mlp.down_proj"]
+    assert fit["quantization_error"] == pytest.approx(torch.linalg.norm(w - q).item(), rel=1e-5)
+    assert fit["loftq_error"] == pytest.approx(sigma[4:].square().sum().sqrt().item(), rel=1e-4)  # Eckart-Young
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert torch.linalg.norm(w - q - delta).item() == pytest.approx(fit["loftq_error"], rel=1e-4)
+    assert torch.equal(layer.base_layer.weight, stored)  # the base is not touched
+
+    in_memory = get_peft_model(quantize(AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")), cfg)
+    weights = {name: original.get_submodule(name).weight for name in report}
+    assert lorakit.replace_lora_weights_loftq(in_memory, weights=weights) == report
+
+
+def test_replace_lora_weights_loftq_refusals_leave_the_adapters_alone(tmp_path):
+    model = get_peft_model(quantized_llama(), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    before = {n: t.clone() for n, t in model.state_dict().items() if "lora_" in n}
+    with pytest.raises(ConfigError, match="no original weight for 6 adapted layer"):
+        lorakit.replace_lora_weights_loftq(model, weights={})
+    plain = tiny_llama()
+    weights = {
+        n: plain.get_submodule(n).weight
+        for n, m in model.base_model.model.named_modules()
+        if "lora_A" in dict(m.named_children())
+    }
+    weights["model.layers.1.mlp.down_proj"] = torch.zeros(64, 32)  # the last one fitted: the others are undone
+    with pytest.raises(
+        ConfigError, match=r"the original weight has shape \(64, 32\); the quantized layer holds \(32, 64\)"
+    ):
+        lorakit.replace_lora_weights_loftq(model, weights=weights)
+    with pytest.raises(ConfigError, match="no safetensors files"):
+        lorakit.replace_lora_weights_loftq(model, model_path=tmp_path)
+    with pytest.raises(ConfigError, match="not on a quantized base|on a quantized base"):
+        lorakit.replace_lora_weights_loftq(get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS)))
+    gpt2 = get_peft_model(quantize(tiny_gpt2()), LoraConfig(r=4, target_modules=["c_attn"]))
+    with pytest.raises(ConfigError, match=r"Conv1D weights as \(in, out\)"):
+        lorakit.replace_lora_weights_loftq(gpt2, model_path=tmp_path)
+    for n, t in model.state_dict().items():
+        if n in before:
+            assert torch.equal(t, before[n]), n

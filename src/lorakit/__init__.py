@@ -5,7 +5,8 @@ Replace ``peft`` with ``lorakit`` in your imports::
     from lorakit import LoraConfig, TaskType, get_peft_model, PeftModel
 """
 
-from lorakit.config import LoraConfig, PeftType, TaskType
+from lorakit.adalora import AdaLoraModel
+from lorakit.config import AdaLoraConfig, LoraConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -17,7 +18,7 @@ from lorakit.errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
-from lorakit.kbit import prepare_model_for_kbit_training, quantize
+from lorakit.kbit import prepare_model_for_kbit_training, quantize, replace_lora_weights_loftq
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_delta, lora_scaling
 from lorakit.model import (
     MODEL_TYPE_TO_PEFT_MODEL,
@@ -36,6 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL",
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "AdapterExistsError",
     "AdapterFileError",
     "AdapterNotFoundError",
@@ -61,6 +64,7 @@ __all__ = [
     "get_peft_model",
     "prepare_model_for_kbit_training",
     "quantize",
+    "replace_lora_weights_loftq",
     "lora_delta",
     "lora_scaling",
 ]

@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lorakit.errors import AdapterFileError, ConfigError
 
@@ -39,7 +39,7 @@ class PeftType(str, enum.Enum):
     VERA = "VERA"
 
 
-SUPPORTED_PEFT_TYPES = (PeftType.LORA,)
+SUPPORTED_PEFT_TYPES = (PeftType.LORA, PeftType.ADALORA)
 
 
 class TaskType(str, enum.Enum):
@@ -189,10 +189,16 @@ class LoraConfig:
     peft_type: PeftType | str = PeftType.LORA
     """The method; always LORA for this class."""
 
+    #: The ``peft_type`` this class describes (subclasses describe their own method).
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+
     def __post_init__(self) -> None:
         self.peft_type = _enum_value(self.peft_type, PeftType, "peft_type")
-        if self.peft_type != PeftType.LORA:
-            raise ConfigError(f"LoraConfig got peft_type={self.peft_type.value!r}; it only describes 'LORA'")
+        if self.peft_type != self.PEFT_TYPE:
+            raise ConfigError(
+                f"{type(self).__name__} got peft_type={self.peft_type.value!r}; it only describes "
+                f"{self.PEFT_TYPE.value!r}"
+            )
         self.task_type = _enum_value(self.task_type, TaskType, "task_type")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"r={self.r!r} is invalid; the rank must be a positive integer such as 8 or 16")
@@ -232,9 +238,7 @@ class LoraConfig:
                 "layers_to_transform cannot be combined with a regex target_modules; "
                 "encode the layer indices in the regex instead"
             )
-        for key, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"rank_pattern[{key!r}]={rank!r} is invalid; ranks are positive integers")
+        self._check_rank_pattern()
         for key, alpha in self.alpha_pattern.items():
             _check_positive_number(f"alpha_pattern[{key!r}]", alpha)
         for name in ("use_dora", "dora_grad_through_norm"):
@@ -242,6 +246,13 @@ class LoraConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; accepted: True or False")
         if self.dora_grad_through_norm and not self.use_dora:
             raise ConfigError("dora_grad_through_norm=True needs use_dora=True; it only changes DoRA's backward pass")
+
+    def _check_rank_pattern(self) -> None:
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}]={rank!r} is invalid; ranks are positive integers")
 
     # -- serialisation -------------------------------------------------------------------------------
 
@@ -277,6 +288,11 @@ class LoraConfig:
         if peft_type not in SUPPORTED_PEFT_TYPES:
             supported = ", ".join(repr(t.value) for t in SUPPORTED_PEFT_TYPES)
             raise ConfigError(f"peft_type={peft_type.value!r} is not supported by lorakit; supported: {supported}")
+        if peft_type != cls.PEFT_TYPE:
+            target = CONFIG_CLASSES[peft_type]
+            if not issubclass(target, cls):  # AdaLoraConfig.from_dict on a plain LoRA file, for instance
+                raise ConfigError(f"this adapter is {peft_type.value!r}; {cls.__name__} reads {cls.PEFT_TYPE.value!r}")
+            cls = target
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -290,10 +306,8 @@ class LoraConfig:
                     )
             else:
                 warnings.warn(f"ignoring unknown adapter config field {key!r}", stacklevel=2)
-        if kwargs.get("init_lora_weights") not in (None, True, False, "gaussian"):
-            # The init only matters at creation; a loaded adapter overwrites A and B anyway (and LoftQ would
-            # rewrite the base weights, which a load must never do).
-            kwargs["init_lora_weights"] = True
+        if kwargs.get("init_lora_weights") not in (None, True, False, "gaussian", "loftq"):
+            kwargs["init_lora_weights"] = True  # PEFT's other inits (pissa, olora, eva...) only matter at creation
         return cls(**kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -325,6 +339,101 @@ class LoraConfig:
     def is_prompt_learning(self) -> bool:
         """False: LoRA changes weights, it adds no virtual tokens (PEFT attribute, read by some tools)."""
         return False
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """AdaLoRA (Zhang et al. 2023, arXiv 2303.10512; seed §5.2): ΔW = P Λ Q in SVD form with an adaptive rank.
+
+    Each adapted layer holds ``init_r`` triplets: ``lora_A`` (Q, ``(init_r, in)``), ``lora_E`` (Λ,
+    ``(init_r, 1)``) and ``lora_B`` (P, ``(out, init_r)``); ΔW = α/(init_r + 1e-5) · B (A ⊙ E). Training scores
+    every triplet by the smoothed sensitivity |w · ∂L/∂w| times its uncertainty, and a cubic schedule lowers the
+    total rank kept from ``init_r`` per layer to ``target_r`` per layer on average between step ``tinit`` and
+    ``total_step − tfinal``, zeroing the least important triplets (λ = 0) every ``deltaT`` steps. The loss gains
+    ``orth_reg_weight`` · mean(‖AAᵀ − I‖_F, ‖BᵀB − I‖_F) to keep P and Q near-orthogonal. ``r`` is not used.
+
+    PEFT's field names, defaults and file format; the fields below are AdaLoRA's, the others are LoRA's.
+    """
+
+    PEFT_TYPE: ClassVar[PeftType] = PeftType.ADALORA
+
+    target_r: int = 8
+    """Average rank per adapted matrix when the schedule ends (the total budget is target_r × matrices)."""
+    init_r: int = 12
+    """Rank every adapted matrix starts with."""
+    tinit: int = 0
+    """Steps of warm-up at the full budget before ranks are cut."""
+    tfinal: int = 0
+    """Steps at the end that train the final ranks with no further cuts."""
+    deltaT: int = 1
+    """Cut ranks every deltaT steps during the budget phase."""
+    beta1: float = 0.85
+    """EMA factor of the sensitivity |w · ∂L/∂w| (0 < beta1 < 1)."""
+    beta2: float = 0.85
+    """EMA factor of the uncertainty |sensitivity − its EMA| (0 < beta2 < 1)."""
+    orth_reg_weight: float = 0.5
+    """Weight of the orthogonality penalty added to the loss in training (0 turns it off)."""
+    total_step: int | None = None
+    """Optimizer steps of the whole run; required (the schedule is laid out over it)."""
+    rank_pattern: dict[str, list[bool]] | None = None  # type: ignore[assignment]
+    """Filled in by training: per adapted module (``<module>.lora_E``), which of its ``init_r`` triplets are
+    kept. Saved adapters hold only the kept triplets; loading rebuilds each layer at its kept rank."""
+    peft_type: PeftType | str = PeftType.ADALORA
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("target_r", "init_r", "deltaT", "total_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                hint = "; AdaLoRA lays its schedule out over the run's optimizer steps" if name == "total_step" else ""
+                raise ConfigError(f"{name}={value!r} is invalid; accepted: a positive integer{hint}")
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} is invalid; accepted: an integer >= 0")
+        if self.tinit + self.tfinal >= self.total_step:
+            raise ConfigError(
+                f"tinit + tfinal = {self.tinit} + {self.tfinal} >= total_step = {self.total_step}: no step is left to "
+                "cut ranks in; lower tinit/tfinal or raise total_step"
+            )
+        if self.target_r > self.init_r:
+            raise ConfigError(f"target_r={self.target_r} > init_r={self.init_r}; AdaLoRA only lowers ranks")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise ConfigError(f"{name}={value!r} is invalid; accepted: a number strictly between 0 and 1")
+        if (
+            isinstance(self.orth_reg_weight, bool)
+            or not isinstance(self.orth_reg_weight, (int, float))
+            or not (math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0)
+        ):
+            raise ConfigError(f"orth_reg_weight={self.orth_reg_weight!r} is invalid; accepted: a number >= 0")
+        if self.use_dora:
+            raise ConfigError("AdaLoRA does not combine with DoRA (use_dora=True); use LoraConfig for DoRA")
+        if self.init_lora_weights == "loftq":
+            raise ConfigError("AdaLoRA does not combine with LoftQ; use LoraConfig for init_lora_weights='loftq'")
+        if self.r != 8:
+            warnings.warn(f"AdaLoRA ignores r={self.r}; every layer starts at init_r={self.init_r}", stacklevel=3)
+
+    def _check_rank_pattern(self) -> None:
+        if self.rank_pattern is None:
+            return
+        if not isinstance(self.rank_pattern, dict):
+            raise ConfigError(f"rank_pattern={self.rank_pattern!r} is invalid; accepted: None or {{module: [bool]}}")
+        for key, mask in self.rank_pattern.items():
+            if not isinstance(mask, list) or not all(isinstance(v, bool) for v in mask):
+                raise ConfigError(f"rank_pattern[{key!r}] is invalid; AdaLoRA's entries are lists of booleans")
+
+    @property
+    def kept_ranks(self) -> dict[str, int] | None:
+        """Rank kept per module (``rank_pattern`` counted), or None before the schedule has cut anything."""
+        if self.rank_pattern is None:
+            return None
+        return {key.removesuffix(".lora_E"): sum(mask) for key, mask in self.rank_pattern.items()}
+
+
+#: Config class by ``peft_type``: what :meth:`LoraConfig.from_dict` builds for a file.
+CONFIG_CLASSES: dict[PeftType, type[LoraConfig]] = {PeftType.LORA: LoraConfig, PeftType.ADALORA: AdaLoraConfig}
 
 
 def read_json(file: str | os.PathLike) -> dict[str, Any]:

@@ -18,6 +18,9 @@ takes the overhead from 32/64 = 0.5 to 8/64 + 32/(64·256) ≈ 0.127 bits per pa
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +92,10 @@ def quantize(
     A model that already holds lorakit adapters (e.g. after a LoftQ initialisation) keeps them in full
     precision; only the base layers under them are quantized.
 
+    A transformers model also gets the matching ``config.quantization_config`` (``BitsAndBytesConfig``), as if
+    it had been loaded in 4/8 bit: its ``save_pretrained`` then writes a pre-quantized checkpoint that plain
+    transformers loads back into the same bitsandbytes layers (``from_pretrained(folder)``, nothing more).
+
     Returns:
         ``model`` itself.
 
@@ -103,6 +110,7 @@ def quantize(
     bnb = import_bitsandbytes()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = list(skip_modules or [])
+    dtypes: list[torch.dtype] = []
     adapter_layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
     inside = {id(sub) for layer in adapter_layers for sub in layer.modules() if sub is not layer}
     for name, module in list(model.named_modules()):
@@ -115,15 +123,44 @@ def quantize(
                         f"{name} holds merged adapters {module.merged_adapters}; unmerge them before quantizing "
                         "(a quantized weight could not be unmerged exactly)"
                     )
+                dtypes.append(module.base_layer.weight.dtype)
                 module.base_layer = _quantized(bnb, module.base_layer, bits, quant_type, double_quant, compute_dtype)
                 module.kind = kind_for(module.base_layer)
             continue
         if id(module) in inside or not _convertible(module):
             continue  # adapter factors and trained copies stay in full precision
         parent_name, _, child = name.rpartition(".")
+        dtypes.append(module.weight.dtype)
         layer = _quantized(bnb, module, bits, quant_type, double_quant, compute_dtype)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    if dtypes:
+        head_names = [n.rpartition(".")[2] for n, m in model.named_modules() if m is head]
+        dtype = compute_dtype or dtypes[0]
+        _record_quantization(model, bits, quant_type, double_quant, dtype, head_names + skip)
     return model
+
+
+def _record_quantization(
+    model: nn.Module, bits: int, quant_type: str, double_quant: bool, dtype: torch.dtype, kept: list[str]
+) -> None:
+    """Write the ``BitsAndBytesConfig`` transformers would have loaded ``model`` with into its config, unless
+    one is there already (a model loaded in 4/8 bit) or the model has no transformers config."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or getattr(config, "quantization_config", None) is not None:
+        return
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        settings = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_type,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=kept or None,
+        )
+    else:
+        settings = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=kept or None)
+    config.quantization_config = settings
 
 
 def _convertible(module: nn.Module) -> bool:
@@ -182,11 +219,22 @@ def prepare_model_for_kbit_training(
     turns on activation checkpointing (``use_reentrant=False`` unless given) with input gradients enabled,
     so that the frozen embedding still passes gradients to the adapters behind it.
 
+    Usually called before adapters exist. Called on a model that holds lorakit adapters already (LoftQ
+    initialises them before the base is quantized), it leaves whether their parameters train as it was.
+
     Returns:
         ``model`` itself.
     """
+    adapters = {
+        id(param)
+        for layer in model.modules()
+        if isinstance(layer, AdapterLayer)
+        for name in layer.adapter_names()
+        for param in layer.adapter_parameters(name)
+    }
     for param in model.parameters():
-        param.requires_grad_(False)
+        if id(param) not in adapters:
+            param.requires_grad_(False)
     for param in model.parameters():
         if type(param).__name__ in ("Params4bit", "Int8Params"):
             continue  # quantized storage stays as it is
@@ -207,3 +255,90 @@ def enable_activation_checkpointing(model: nn.Module, kwargs: dict[str, Any] | N
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def replace_lora_weights_loftq(
+    peft_model: nn.Module,
+    model_path: str | os.PathLike | None = None,
+    adapter_name: str = "default",
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """LoftQ (one alternation) for adapters on a base that is quantized already (PEFT's name and arguments).
+
+    For every layer with ``adapter_name`` on a 4/8-bit base, A and B become the rank-r SVD of W − Q, where Q
+    is the stored quantized weight and W the original one: Q + s·BA is then the closest a rank-r adapter can
+    get to W. Unlike ``init_lora_weights="loftq"``, the quantized base is left as it is, so the adapter stays
+    valid on any base quantized the same way from the same W (``lorakit merge --bits 4``, for instance).
+
+    Args:
+        model_path: a folder (or file) of ``*.safetensors`` with the original weights under the base model's
+            names (``model.layers.0.self_attn.q_proj.weight``); default: the model's ``name_or_path``.
+        weights: instead of files, the original weights by module name (``{"model.layers.0.self_attn.q_proj":
+            W}``) in ``nn.Linear``'s ``(out, in)`` layout, e.g. kept from the full-precision model before
+            :func:`quantize`.
+
+    Returns:
+        per adapted module, ``{"quantization_error": ‖W − Q‖, "loftq_error": ‖W − (Q + s·BA)‖}``.
+
+    Raises:
+        ConfigError: no adapted quantized layer, or an original weight that is missing or has another shape
+            (the adapters are then left as they were).
+    """
+    from lorakit.layers.loftq import loftq_fit_quantized
+
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    layers = {
+        name: m
+        for name, m in base.named_modules()
+        if isinstance(m, LoraLayer) and adapter_name in m.r and m.kind.quantized
+    }
+    if not layers:
+        raise ConfigError(f"no layer holds adapter {adapter_name!r} on a quantized base; quantize the base first")
+    originals = dict(weights) if weights is not None else _read_original_weights(base, model_path, layers)
+    missing = [name for name in layers if name not in originals]
+    if missing:
+        raise ConfigError(f"no original weight for {len(missing)} adapted layer(s), e.g. {missing[0]!r}")
+    saved = {
+        name: [p.detach().clone() for p in layer.adapter_parameters(adapter_name)] for name, layer in layers.items()
+    }
+    report = {}
+    try:
+        for name, layer in layers.items():
+            report[name] = loftq_fit_quantized(layer, adapter_name, originals[name])
+    except BaseException:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for param, value in zip(layer.adapter_parameters(adapter_name), saved[name]):
+                    param.copy_(value)
+        raise
+    return report
+
+
+def _read_original_weights(
+    model: nn.Module, model_path: str | os.PathLike | None, layers: Mapping[str, nn.Module]
+) -> dict[str, torch.Tensor]:
+    """The ``<module>.weight`` tensors of ``layers`` from the safetensors files at ``model_path``."""
+    import sys
+
+    from safetensors import safe_open
+
+    if hasattr(sys.modules.get(type(model).__module__), "Conv1D"):
+        raise ConfigError(
+            f"{type(model).__name__} checkpoints store transformers Conv1D weights as (in, out); pass weights= "
+            "with each original weight as (out, in) instead of model_path"
+        )
+    path = model_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    files = sorted(Path(path).glob("*.safetensors")) if path and Path(path).is_dir() else [Path(path or "")]
+    if not files or not all(f.is_file() for f in files):
+        raise ConfigError(
+            f"no safetensors files with the original weights at {str(path)!r}; pass model_path= (a folder of "
+            "*.safetensors) or weights= (module name -> full-precision weight)"
+        )
+    wanted = {f"{name}.weight": name for name in layers}
+    found = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key in wanted:
+                    found[wanted[key]] = f.get_tensor(key)
+    return found

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -16,11 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.adalora import AdaLoraModel
 from lorakit.config import TASK_HEADS, LoraConfig, PeftType, TaskType
 from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
 from lorakit.layers.kinds import HFConv1DKind
-from lorakit.persistence import load_adapter_state, read_adapter_weights, save_adapter
+from lorakit.persistence import load_adapter_state, module_key, read_adapter_weights, save_adapter, write_adapter
 from lorakit.tuner import LoraModel
+
+#: The heatmap of kept ranks written next to a trained AdaLoRA adapter.
+RANKS_PLOT = "adalora_ranks.png"
 
 
 class PeftModel(nn.Module):
@@ -51,7 +56,8 @@ class PeftModel(nn.Module):
         _check_adapter_name(adapter_name)
         peft_config = _with_task_defaults(model, peft_config)
         self.peft_config: dict[str, LoraConfig] = {adapter_name: peft_config}
-        self.base_model = LoraModel(model, self.peft_config, adapter_name, autocast_adapter_dtype)
+        tuner = AdaLoraModel if peft_config.peft_type == PeftType.ADALORA else LoraModel
+        self.base_model = tuner(model, self.peft_config, adapter_name, autocast_adapter_dtype)
         if _is_checkpointing(model):
             self._enable_input_grads()
 
@@ -73,7 +79,7 @@ class PeftModel(nn.Module):
 
     @property
     def peft_type(self) -> PeftType:
-        return PeftType.LORA
+        return next(iter(self.peft_config.values())).peft_type
 
     @property
     def active_adapter(self) -> str:
@@ -286,6 +292,30 @@ class PeftModel(nn.Module):
                 config.fan_in_fan_out = True  # what PEFT writes for transformers' Conv1D; only the file's copy changes
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers)
+            if isinstance(self.base_model, AdaLoraModel) and config.rank_pattern:
+                self.base_model.plot_ranks(os.path.join(folder, RANKS_PLOT), name)
+
+    def export_lora(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> LoraConfig:
+        """Write an AdaLoRA adapter as the plain LoRA adapter with the same update (PEFT's LoRA format).
+
+        Each module keeps the rank AdaLoRA left it (``rank_pattern`` where it differs from the most common);
+        modules left with no rank are dropped. Loads in lorakit and PEFT on the same base with the same outputs.
+
+        Returns:
+            the written :class:`LoraConfig`.
+
+        Raises:
+            ConfigError: the model holds no AdaLoRA adapter, or it kept no rank anywhere.
+        """
+        if not isinstance(self.base_model, AdaLoraModel):
+            raise ConfigError("export_lora converts AdaLoRA adapters; this model's adapters are plain LoRA already")
+        config, tensors = self.base_model.lora_equivalent(adapter_name)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _name_or_path(self.get_base_model())
+        config.inference_mode = True
+        state = {module_key(name, key): t for name, parts in tensors.items() for key, t in parts.items()}
+        write_adapter(save_directory, state, config)
+        return config
 
     def _wraps_conv1d(self, adapter_name: str) -> bool:
         return any(
@@ -321,10 +351,13 @@ class PeftModel(nn.Module):
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         try:
-            peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            peft_model = model_cls(
+                model, _for_loading(config), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+            )
         except BaseException:
             _restore_requires_grad(model, requires_grad)
             raise
+        peft_model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
         try:
             load_adapter_state(peft_model.base_model, adapter_name, state)
         except BaseException:
@@ -355,7 +388,8 @@ class PeftModel(nn.Module):
         config = LoraConfig.from_pretrained(model_id, subfolder=subfolder)
         config.inference_mode = not is_trainable
         state = read_adapter_weights(model_id, subfolder=subfolder)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, _for_loading(config))
+        self.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
         try:
             load_adapter_state(self.base_model, adapter_name, state)
         except BaseException:
@@ -366,11 +400,11 @@ class PeftModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the base model with the active adapters; arguments are the base model's."""
-        return self.get_base_model()(*args, **kwargs)
+        return self.base_model(*args, **kwargs)
 
     def _run(self, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
         kwargs.update({k: v for k, v in named.items() if v is not None})
-        return self.get_base_model()(**kwargs)
+        return self.base_model(**kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapters applied."""
@@ -546,6 +580,14 @@ def _is_checkpointing(model: nn.Module) -> bool:
         if hasattr(type(model), attr):
             return bool(getattr(model, attr))
     return False
+
+
+def _for_loading(config: LoraConfig) -> LoraConfig:
+    """The config a load injects with. The file's weights replace whatever the init chose, and an init that
+    rewrites the base (LoftQ writes Q into it) must not run: the base is the one the adapter was trained on."""
+    if config.init_lora_weights != "loftq":
+        return config
+    return dataclasses.replace(config, init_lora_weights=True)
 
 
 def _restore_requires_grad(model: nn.Module, flags: dict[int, bool]) -> None:

@@ -32,7 +32,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 
-def _module_key(module_name: str, tensor_key: str) -> str:
+def module_key(module_name: str, tensor_key: str) -> str:
     return f"{KEY_PREFIX}{module_name}.{tensor_key}" if module_name else f"{KEY_PREFIX}{tensor_key}"
 
 
@@ -56,10 +56,10 @@ def adapter_tensors(
         for name, layer in lora_model.lora_layers():
             bias = getattr(layer.base_layer, "bias", None)
             if adapter_name in layer.r and isinstance(bias, torch.Tensor):
-                out[_module_key(name, "base_layer.bias")] = bias
+                out[module_key(name, "base_layer.bias")] = bias
     if config.bias == "all":
         for name, param in _trainable_bias_candidates(lora_model):
-            out[_module_key("", name)] = param
+            out[module_key("", name)] = param
     out.update(_embedding_tensors(lora_model, adapter_name, save_embedding_layers))
     return out
 
@@ -99,7 +99,7 @@ def _embedding_tensors(lora_model: LoraModel, adapter_name: str, mode: bool | st
         elif only_wrapped:
             continue
         for key, param in module.named_parameters(remove_duplicate=False):
-            out[_module_key(name, key)] = param
+            out[module_key(name, key)] = param
     return out
 
 
@@ -108,8 +108,8 @@ def required_keys(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_model.adapter_layers():
         if adapter_name in layer.adapter_names():
-            for key, tensor in layer.adapter_state(adapter_name).items():
-                out[_module_key(name, key)] = tensor
+            for key, tensor in lora_model.layer_file_state(name, layer, adapter_name).items():
+                out[module_key(name, key)] = tensor
     return out
 
 
@@ -129,13 +129,6 @@ def save_adapter(
     Raises:
         AdapterFileError: the folder cannot be created or written.
     """
-    directory = os.fspath(directory)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise AdapterFileError(f"cannot create adapter folder {directory!r}: {exc.strerror or exc}") from exc
-    if not os.access(directory, os.W_OK):
-        raise AdapterFileError(f"adapter folder {directory!r} is not writable")
     tensors = adapter_tensors(lora_model, adapter_name, save_embedding_layers)
     # Only embedding base weights end in "base_layer.weight"; adapter factors end in "lora_A.weight" etc.
     if save_embedding_layers == "auto" and any(k.endswith("base_layer.weight") for k in tensors):
@@ -144,6 +137,24 @@ def save_adapter(
             "resized vocabularies); pass save_embedding_layers=False to save only the adapter",
             stacklevel=3,
         )
+    write_adapter(directory, tensors, config, safe_serialization)
+
+
+def write_adapter(
+    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: LoraConfig, safe_serialization: bool = True
+) -> None:
+    """Write ``tensors`` (file key -> tensor) and ``config`` into ``directory``, both replaced atomically.
+
+    Raises:
+        AdapterFileError: the folder cannot be created or written.
+    """
+    directory = os.fspath(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise AdapterFileError(f"cannot create adapter folder {directory!r}: {exc.strerror or exc}") from exc
+    if not os.access(directory, os.W_OK):
+        raise AdapterFileError(f"adapter folder {directory!r} is not writable")
     # safetensors refuses tensors that share memory (tied weights): give each key its own contiguous copy.
     state = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
 
@@ -213,11 +224,11 @@ def load_adapter_state(lora_model: LoraModel, adapter_name: str, state: dict[str
     required = required_keys(lora_model, adapter_name)
     optional = adapter_tensors(lora_model, adapter_name, save_embedding_layers=True)
     # remove_duplicate=False: a tied weight (lm_head = embed_tokens) answers to both of its names.
-    everything = {_module_key("", n): p for n, p in lora_model.model.named_parameters(remove_duplicate=False)}
+    everything = {module_key("", n): p for n, p in lora_model.model.named_parameters(remove_duplicate=False)}
     everything.update(
-        (_module_key("", n), b)
+        (module_key("", n), b)
         for n, b in lora_model.model.named_buffers(remove_duplicate=False)
-        if _module_key("", n) not in everything
+        if module_key("", n) not in everything
     )
     missing = [k for k in required if k not in state]
     if missing:

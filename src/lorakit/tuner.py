@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lorakit.config import TASK_HEADS, LoraConfig
+from lorakit.config import TASK_HEADS, LoraConfig, PeftType
 from lorakit.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -112,6 +112,7 @@ class LoraModel(nn.Module):
             AdapterExistsError: a targeted layer already holds an adapter of this name.
             ConfigError: a second adapter asks for trainable biases (only one adapter may own them).
         """
+        self._check_config_type(config)
         if config.bias != "none":
             others = [n for n, c in self.peft_config.items() if n != adapter_name and c.bias != "none"]
             if others:
@@ -144,7 +145,7 @@ class LoraModel(nn.Module):
         try:
             for name, module, kind in plans:
                 layer = module if isinstance(module, LoraLayer) else LoraLayer(module, kind)
-                r = pattern_value(config.rank_pattern, name, config.r)
+                r, variant = self._layer_form(config, name)
                 alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
                 layer.add(
                     adapter_name,
@@ -154,8 +155,8 @@ class LoraModel(nn.Module):
                     config.init_lora_weights,
                     config.use_rslora,
                     dtype=self._adapter_dtype(layer),
-                    use_dora=config.use_dora,
                     loftq_config=config.loftq_config,
+                    variant=variant,
                 )
                 if config.use_dora:
                     layer.lora_magnitude_vector[adapter_name].grad_through_norm = config.dora_grad_through_norm
@@ -163,6 +164,7 @@ class LoraModel(nn.Module):
                     parent, child = _parent(self.model, name)
                     setattr(parent, child, layer)
             self._add_modules_to_save(adapter_name, config)
+            self._after_inject(adapter_name, config)
         except BaseException:
             self.remove_adapter_layers(adapter_name)
             with torch.no_grad():
@@ -171,6 +173,24 @@ class LoraModel(nn.Module):
             raise
         self._freeze_all()
         self.set_adapter([a for a in self.active_adapters if a in self.peft_config])
+
+    def _check_config_type(self, config: LoraConfig) -> None:
+        if config.peft_type != PeftType.LORA:
+            raise ConfigError(
+                f"this model holds LoRA adapters; a {config.peft_type.value} adapter cannot join them (PEFT keeps "
+                "one method per model as well): load it onto a separate model"
+            )
+
+    def _layer_form(self, config: LoraConfig, name: str) -> tuple[int, str]:
+        """``(rank, variant name)`` of the adapter that ``config`` puts on module ``name``."""
+        return pattern_value(config.rank_pattern, name, config.r), "dora" if config.use_dora else "lora"
+
+    def _after_inject(self, adapter_name: str, config: LoraConfig) -> None:
+        """Called once every layer holds the new adapter (subclasses reshape it; nothing for LoRA)."""
+
+    def layer_file_state(self, name: str, layer: AdapterLayer, adapter: str) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds for ``layer`` (file key relative to the layer -> tensor)."""
+        return layer.adapter_state(adapter)
 
     def _freeze_all(self) -> None:
         for param in self.model.parameters():

@@ -132,3 +132,43 @@ def test_merge_of_a_qlora_adapter_onto_the_4bit_base(tmp_path, model_dir, capsys
     other = AutoModelForCausalLM.from_pretrained(tmp_path / "onto_fp32")
     with torch.no_grad():
         assert not torch.allclose(other(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_requantize_saves_a_4bit_model_and_reports_the_drift(tmp_path, model_dir, adapter_dir, capsys):
+    """--requantize: never silent; the drift it prints is the drift of what it wrote, which plain transformers
+    loads back into bitsandbytes layers."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (CI installs it)")
+    from lorakit.cli.merge import logit_drift
+
+    folder, _ = adapter_dir
+    probe = "The quick brown fox"
+    out = tmp_path / "nf4"
+    args = ["merge", "--model", str(model_dir), "--adapter", str(folder), "--probe", probe, "--no-verify"]
+    assert main([*args, "--requantize", "4", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "requantized to 4-bit nf4" in printed and "linear layers in 4 bit" in printed
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # no lorakit: the config says how
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert type(reloaded.lm_head) is torch.nn.Linear
+
+    from lorakit.hub import load_model
+
+    _, tokenizer = load_model(str(model_dir))
+    ids = tokenizer(probe, return_tensors="pt")["input_ids"]
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), folder).eval()
+    with torch.no_grad():
+        reference, got = unmerged(ids).logits, reloaded(ids).logits
+    drift = logit_drift(reference, got)
+    assert drift["max_abs"] > 0  # 4 bits lose something, and it is reported ...
+    line = next(s for s in printed.splitlines() if "vs the unmerged adapter model" in s)
+    assert f"max |diff| {drift['max_abs']:.3f}" in line  # ... as measured on what was written
+    assert f"same top-1 token at {drift['top1_agreement']:.0%}" in line
+
+
+def test_logit_drift_is_measured_per_position():
+    from lorakit.cli.merge import logit_drift
+
+    ref = torch.tensor([[[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]])
+    got = torch.tensor([[[0.0, 1.0, 0.5], [0.0, 3.0, 0.0]]])
+    d = logit_drift(ref, got)
+    assert d == {"max_abs": 3.0, "mean_abs": pytest.approx(5.5 / 6), "top1_agreement": 0.5}

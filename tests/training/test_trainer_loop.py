@@ -119,7 +119,56 @@ def test_qlora_run_trains_a_plain_lora_adapter(tmp_path, model_dir, data_files, 
     assert loaded.peft_config["default"].r == 4
 
 
+def test_loftq_run_starts_nearer_the_full_precision_model(tmp_path, model_dir, data_files, tiny_model):
+    """--qlora --loftq: the adapter it writes (after a step with a negligible learning rate: the LoftQ start)
+    on the 4-bit base of ``lorakit merge --bits 4`` is closer to the fp32 model than that base alone."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (CI installs it)")
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import quantize
+
+    out = tmp_path / "loftq"
+    cfg = config(model_dir, data_files, out, bits=4, loftq=True, r=16, skip_eval=True, save_every=0, max_steps=1)
+    cfg.learning_rate = 1e-12
+    logged = []
+    train(cfg, log=logged.append, progress=False)
+    assert any(line.startswith("LoftQ start: ‖W − Q‖") for line in logged), logged
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41]])
+    q = quantize(AutoModelForCausalLM.from_pretrained(model_dir), bits=4).eval()
+    with torch.no_grad():
+        full, plain = tiny_model.eval()(ids).logits, q(ids).logits
+        started = PeftModel.from_pretrained(q, out).eval()(ids).logits
+    assert (started - full).norm() < 0.5 * (plain - full).norm()  # 0.28 measured at r=16 (B = 0 gives 1.0)
+
+
+def test_adalora_run_cuts_ranks_to_the_target_and_writes_the_heatmap(tmp_path, model_dir, data_files, tiny_model):
+    out = tmp_path / "adalora"
+    cfg = config(
+        model_dir, data_files, out, method="adalora", r=2, init_r=4, skip_eval=True, save_every=0, max_steps=10
+    )
+    logged = []
+    train(cfg, log=logged.append, progress=False)
+    assert any("AdaLoRA init_r=4 -> average r=2 (cut between steps 1 and 8 of 10)" in line for line in logged), logged
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["total_step"] == 10
+    kept = {name: sum(mask) for name, mask in saved["rank_pattern"].items()}
+    assert sum(kept.values()) == 2 * len(kept) == 2 * 7 * 2  # r × (7 projections × 2 layers)
+    rows = sum(t.shape[0] for key, t in adapter(out).items() if key.endswith("lora_A"))
+    assert rows == sum(kept.values())  # the file holds the kept triplets only
+    assert (out / "adalora_ranks.png").is_file()
+    loaded = PeftModel.from_pretrained(tiny_model, out)
+    assert loaded.peft_type.value == "ADALORA"
+    with pytest.raises(ConfigError, match="init_r, tinit and tfinal are AdaLoRA settings"):
+        TrainConfig(init_r=12)
+    with pytest.raises(ConfigError, match="init_r=4 < r=8"):
+        TrainConfig(method="adalora", init_r=4)
+
+
 def test_quantization_and_optimizer_settings_are_checked():
+    with pytest.raises(ConfigError, match="loftq initialises adapters for the 4-bit NF4 base"):
+        TrainConfig(loftq=True)
+    with pytest.raises(ConfigError, match="loftq initialises adapters for the 4-bit NF4 base"):
+        TrainConfig(loftq=True, bits=4, quant_type="fp4")
     with pytest.raises(ConfigError, match="bits must be 4 or 8"):
         TrainConfig(bits=3)
     with pytest.raises(ConfigError, match="optim 'adam8bit' is not one of"):

@@ -20,6 +20,12 @@ examples:
   # QLoRA: the base in 4-bit NF4 with double quantization, 8-bit optimizer state (needs bitsandbytes)
   lorakit train --qlora --optim adamw8bit --output runs/qlora
 
+  # AdaLoRA: ranks start at 12 and are cut to 8 on average where they matter least; a rank heatmap is saved
+  lorakit train --method adalora --r 8 --init-r 12 --output runs/adalora
+
+  # QLoRA with a LoftQ start: A, B fitted to what quantization lost, so training starts nearer the fp32 model
+  lorakit train --qlora --loftq --output runs/loftq
+
   # settings from a YAML file; flags override it
   lorakit train --config run.yaml --lr 5e-4
 
@@ -56,7 +62,10 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--overflow", choices=["truncate", "drop"], default=S, help="longer examples (truncate)")
     g = p.add_argument_group("LoRA")
     g.add_argument(
-        "--method", choices=["lora", "full"], default=S, help="lora (default), or full fine-tuning as a baseline"
+        "--method",
+        choices=["lora", "adalora", "full"],
+        default=S,
+        help="lora (default); adalora (adaptive rank: --r is the average rank it ends at); full fine-tuning",
     )
     g.add_argument("--r", "--rank", dest="r", type=int, default=S, help="rank (8); spell it --rank after torchrun")
     g.add_argument("--alpha", dest="lora_alpha", type=float, default=S, help="lora_alpha; scaling = alpha/r (16)")
@@ -80,6 +89,18 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--quant-type", dest="quant_type", choices=["nf4", "fp4"], default=S, help="4-bit code (nf4)")
     g.add_argument(
         "--no-double-quant", dest="double_quant", action="store_false", default=S, help="4-bit without double quant"
+    )
+    g.add_argument("--init-r", dest="init_r", type=int, default=S, help="AdaLoRA: starting rank (1.5 x r)")
+    g.add_argument("--tinit", type=int, default=S, help="AdaLoRA: warm-up steps before cutting ranks (10%% of the run)")
+    g.add_argument("--tfinal", type=int, default=S, help="AdaLoRA: final steps at the kept ranks (20%% of the run)")
+    g.add_argument(
+        "--orth-reg-weight", dest="orth_reg_weight", type=float, default=S, help="AdaLoRA: orthogonality penalty (0.5)"
+    )
+    g.add_argument(
+        "--loftq",
+        action="store_true",
+        default=S,
+        help="with --qlora: initialise A, B by LoftQ (one iteration) so that Q + s·BA ≈ W (arXiv 2310.08659)",
     )
     g.add_argument(
         "--gradient-checkpointing",

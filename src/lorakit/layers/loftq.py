@@ -53,12 +53,17 @@ def loftq_factors(
     low_rank = torch.zeros_like(w)
     for _ in range(iters):
         q = nf4_round_trip(w - low_rank, double_quant)
-        u, sigma, vh = torch.linalg.svd(w - q, full_matrices=False)
-        root = sigma[:r].sqrt() / math.sqrt(scaling)
-        b = u[:, :r] * root  # (d, r)
-        a = root[:, None] * vh[:r]  # (r, k)
+        a, b = residual_factors(w - q, r, scaling)
         low_rank = scaling * (b @ a)
     return q, a, b
+
+
+def residual_factors(residual: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A (r, k), B (d, r))`` with s·BA the best rank-r approximation of ``residual`` ``(d, k)`` (its truncated
+    SVD, Eckart–Young), the singular values split evenly between A and B."""
+    u, sigma, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = sigma[:r].sqrt() / math.sqrt(scaling)
+    return root[:, None] * vh[:r], u[:, :r] * root
 
 
 def loftq_initialize(layer: LoraLayer, adapter: str, loftq_bits: int = 4, loftq_iter: int = 1) -> dict[str, float]:
@@ -88,6 +93,42 @@ def loftq_initialize(layer: LoraLayer, adapter: str, loftq_bits: int = 4, loftq_
     a_param, b_param = kind.factor_params(layer, adapter)
     with torch.no_grad():
         weight.copy_(kind.to_weight_layout(q, base).to(weight.dtype))
+        a_param.copy_(a.to(a_param.dtype))
+        b_param.copy_(b.to(b_param.dtype))
+    return {
+        "quantization_error": torch.linalg.norm(w - q).item(),
+        "loftq_error": torch.linalg.norm(w - q - s * (b @ a)).item(),
+    }
+
+
+def loftq_fit_quantized(layer: LoraLayer, adapter: str, weight: torch.Tensor) -> dict[str, float]:
+    """LoftQ with one alternation on a layer whose base is quantized already: Q is the stored base, and A, B
+    become the rank-r SVD of W − Q (what PEFT's ``replace_lora_weights_loftq`` does). The base is untouched,
+    so the adapter stays valid on any base quantized the same way from the same W.
+
+    Args:
+        weight: the original full-precision W in the base layer's layout (``(out, in)`` for a linear).
+
+    Returns:
+        ``{"quantization_error": ‖W − Q‖, "loftq_error": ‖W − (Q + s·BA)‖}`` for this layer.
+
+    Raises:
+        ConfigError: the base is not quantized, or ``weight`` does not have its shape.
+    """
+    kind, base = layer.kind, layer.base_layer
+    if not kind.quantized:
+        raise ConfigError(
+            f"{type(base).__name__} is not quantized; fit LoftQ on a 4-bit base (lorakit.quantize first), or use "
+            "init_lora_weights='loftq' on the full-precision model"
+        )
+    q = kind.dequantized_weight(base).float()
+    w = weight.detach().to(device=q.device, dtype=torch.float32)
+    if w.shape != q.shape:
+        raise ConfigError(f"the original weight has shape {tuple(w.shape)}; the quantized layer holds {tuple(q.shape)}")
+    s = layer.scaling[adapter]
+    a, b = residual_factors(w - q, layer.r[adapter], s)
+    a_param, b_param = kind.factor_params(layer, adapter)
+    with torch.no_grad():
         a_param.copy_(a.to(a_param.dtype))
         b_param.copy_(b.to(b_param.dtype))
     return {

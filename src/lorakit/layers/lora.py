@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
+from lorakit.layers.adalora import AdaLoraVariant
 from lorakit.layers.delta import lora_delta, lora_scaling
 from lorakit.layers.dora import DoraVariant
 from lorakit.layers.kinds import LayerKind, kind_for
@@ -21,7 +22,7 @@ from lorakit.layers.loftq import loftq_initialize
 from lorakit.layers.variant import LoraVariant
 
 #: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
-VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant()}
+VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant(), "adalora": AdaLoraVariant()}
 
 
 class AdapterLayer(nn.Module):
@@ -77,6 +78,7 @@ class LoraLayer(AdapterLayer):
             setattr(self, container, holder)
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values, per AdaLoRA adapter (PEFT's name)
         self.variant: dict[str, LoraVariant] = {}
         self._merge_records: dict[str, object] = {}
         self.r: dict[str, int] = {}
@@ -100,6 +102,7 @@ class LoraLayer(AdapterLayer):
         dtype: torch.dtype | None = None,
         use_dora: bool = False,
         loftq_config: dict[str, Any] | None = None,
+        variant: str | None = None,
     ) -> None:
         """Create adapter ``adapter`` with its own A, B and dropout, placed on the base weight's device.
 
@@ -109,6 +112,8 @@ class LoraLayer(AdapterLayer):
                 initialised so that the layer's output is unchanged.
             loftq_config: with ``init_lora_weights="loftq"``, the arguments of
                 :func:`~lorakit.layers.loftq.loftq_initialize` (which also rewrites the base weight to Q).
+            variant: the update's form by name (``VARIANTS``: "lora", "dora", "adalora"); default from
+                ``use_dora``.
 
         Raises:
             AdapterExistsError: the layer already holds an adapter of that name.
@@ -129,8 +134,9 @@ class LoraLayer(AdapterLayer):
         self.kind.init_factors(self, adapter, init_lora_weights)
         if init_lora_weights == "loftq":
             loftq_initialize(self, adapter, **(loftq_config or {}))
-        self.variant[adapter] = VARIANTS["dora" if use_dora else "lora"]
+        self.variant[adapter] = VARIANTS[variant or ("dora" if use_dora else "lora")]
         self.variant[adapter].attach(self, adapter)
+        self.variant[adapter].initialize(self, adapter, init_lora_weights)
 
     @property
     def use_dora(self) -> dict[str, bool]:
@@ -155,15 +161,12 @@ class LoraLayer(AdapterLayer):
                 out[container] = holder
             else:
                 for name, param in holder.named_parameters():
-                    out[f"{container}.{name}"] = param
+                    out[self.variant[adapter].file_key(f"{container}.{name}")] = param
         out.update(self.variant[adapter].extra_state(self, adapter))
         return out
 
     def adapter_param_key(self, adapter: str, file_key: str) -> str:
-        container, _, rest = file_key.partition(".")
-        if container == "lora_magnitude_vector":  # PEFT's files drop the module's ``.weight``
-            return f"{container}.{adapter}.weight"
-        return f"{container}.{adapter}.{rest}" if rest else f"{container}.{adapter}"
+        return self.variant[adapter].param_key(self, adapter, file_key)
 
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
         return list(self.adapter_state(adapter).values())
@@ -178,8 +181,9 @@ class LoraLayer(AdapterLayer):
             raise MergeError(f"adapter {adapter!r} is merged into the base weight; unmerge it before deleting it")
         for container in (*self.kind.containers, "lora_dropout"):
             del getattr(self, container)[adapter]
-        if adapter in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter]
+        for holder in (self.lora_magnitude_vector, self.lora_E):
+            if adapter in holder:
+                del holder[adapter]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variant):
             del table[adapter]
         self.active_adapters = [a for a in self.active_adapters if a != adapter]
@@ -192,7 +196,7 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """ΔW of one adapter in the base weight's layout and shape (computed by :func:`lora_delta`)."""
         self._check(adapter)
-        a, b = self.kind.factors(self, adapter)
+        a, b = self.variant[adapter].factors(self, adapter)
         delta = lora_delta(b, a, self.scaling[adapter])
         return self.kind.to_weight_layout(delta, self.base_layer)
 
@@ -260,5 +264,8 @@ class LoraLayer(AdapterLayer):
         return result
 
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{a}: r={self.r[a]}" + (" dora" if self.variant[a].name == "dora" else "") for a in self.r)
+        ranks = ", ".join(
+            f"{a}: r={self.r[a]}" + (f" {self.variant[a].name}" if self.variant[a].name != "lora" else "")
+            for a in self.r
+        )
         return f"kind={self.kind.name}, adapters=({ranks}), merged={self.merged_adapters}"

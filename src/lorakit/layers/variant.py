@@ -28,9 +28,27 @@ class LoraVariant:
     def attach(self, layer: LoraLayer, adapter: str) -> None:
         """Create the variant's own parameters once A and B exist and are initialised (none for plain LoRA)."""
 
+    def initialize(self, layer: LoraLayer, adapter: str, init: bool | str) -> None:
+        """Re-initialise after :meth:`attach` where the variant starts differently from LoRA (no-op here)."""
+
     def extra_state(self, layer: LoraLayer, adapter: str) -> dict[str, nn.Parameter]:
         """The variant's parameters keyed as in PEFT's files (relative to the layer, without the name)."""
         return {}
+
+    def file_key(self, state_key: str) -> str:
+        """The file key of a factor tensor named ``state_key`` (``lora_A.weight``...) relative to the layer."""
+        return state_key
+
+    def param_key(self, layer: LoraLayer, adapter: str, file_key: str) -> str:
+        """The ``state_dict`` key (relative to the layer) of the tensor stored as ``file_key``."""
+        container, _, rest = file_key.partition(".")
+        if container == "lora_magnitude_vector":  # PEFT's files drop the module's ``.weight``
+            return f"{container}.{adapter}.weight"
+        return f"{container}.{adapter}.{rest}" if rest else f"{container}.{adapter}"
+
+    def factors(self, layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (r, k), B (d, r))`` with ΔW = s·BA: LoRA's factors as the layer kind flattens them."""
+        return layer.kind.factors(layer, adapter)
 
     def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The layer's output after this adapter, given ``result`` (the output so far) and the input ``x``."""
@@ -62,7 +80,7 @@ class LoraVariant:
     ) -> torch.Tensor:
         """Given ``A Mᵀ`` ``(r, d)`` for a weight M holding this merged adapter, ``A M'ᵀ`` for the weight M'
         before the merge — from the low-rank factors alone: ``A ΔWᵀ = s·(A A_jᵀ) B_jᵀ`` is r×r_j×d work."""
-        a_j, b_j = (f.to(projection.dtype) for f in layer.kind.factors(layer, adapter))
+        a_j, b_j = (f.to(projection.dtype) for f in self.factors(layer, adapter))
         return projection - layer.scaling[adapter] * (a.to(projection.dtype) @ a_j.t()) @ b_j.t()
 
 

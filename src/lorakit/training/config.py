@@ -16,7 +16,7 @@ from typing import Any
 from lorakit.errors import ConfigError, suggest
 from lorakit.kbit import QUANT_TYPES
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "adalora", "full")
 #: Optimizers by ``--optim`` name: torch's AdamW, or bitsandbytes' 8-bit / paged variants (QLoRA paper §3).
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -41,7 +41,7 @@ class TrainConfig:
     data: str | None = None  #: training file, or None for the bundled ``dates`` task
     eval_data: str | None = None  #: held-out file for exact-match eval (default: the bundled eval split)
     output: str = "lorakit-output"
-    method: str = "lora"  #: "lora", or "full" (every weight trains: the baseline of benchmarks/bench_quality.py)
+    method: str = "lora"  #: "lora", "adalora", or "full" (every weight trains: the baseline of bench_quality.py)
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -49,6 +49,11 @@ class TrainConfig:
     bits: int | None = None  #: quantize the base to 4 (QLoRA: NF4 + double quant) or 8 bits; None keeps it as loaded
     quant_type: str = "nf4"  #: 4-bit code: nf4 (the QLoRA paper's NormalFloat) or fp4
     double_quant: bool = True  #: quantize the 4-bit blocks' scales again (8 bit): ~0.37 fewer bits per weight
+    init_r: int | None = None  #: AdaLoRA: starting rank per matrix (default 1.5 × r; r is the average it ends at)
+    tinit: int | None = None  #: AdaLoRA: warm-up steps before ranks are cut (default 10% of the run)
+    tfinal: int | None = None  #: AdaLoRA: steps at the end with the final ranks (default 20% of the run)
+    orth_reg_weight: float = 0.5  #: AdaLoRA: weight of the orthogonality penalty in the loss
+    loftq: bool = False  #: LoftQ start (arXiv 2310.08659, one iteration): Q + s·BA ≈ W instead of Q + 0
     gradient_checkpointing: bool = False  #: recompute activations in backward: less memory, ~30% more time
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     learning_rate: float = 1e-3
@@ -110,14 +115,32 @@ class TrainConfig:
             raise ConfigError(f"method {self.method!r} is not one of {METHODS}" + suggest(str(self.method), METHODS))
         if self.bits not in (None, 4, 8):
             raise ConfigError(f"bits must be 4 or 8 (or unset for the model as loaded), got {self.bits!r}")
-        if self.bits is not None and self.method != "lora":
+        for name in ("init_r", "tinit", "tfinal"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.init_r is not None and self.init_r < self.r:
+            raise ConfigError(f"init_r={self.init_r} < r={self.r}: AdaLoRA starts at init_r and lowers the rank to r")
+        positive("orth_reg_weight", self.orth_reg_weight, allow_zero=True)
+        if self.method != "adalora" and (self.init_r, self.tinit, self.tfinal) != (None, None, None):
+            raise ConfigError("init_r, tinit and tfinal are AdaLoRA settings; add --method adalora")
+        if self.bits is not None and self.method == "full":
             raise ConfigError(f"a {self.bits}-bit base trains adapters only; method {self.method!r} cannot use it")
         if self.quant_type not in QUANT_TYPES:
             raise ConfigError(f"quant_type {self.quant_type!r} is not one of {QUANT_TYPES}")
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"optim {self.optim!r} is not one of {OPTIMIZERS}" + suggest(str(self.optim), OPTIMIZERS))
+        if not isinstance(self.loftq, bool):
+            raise ConfigError(f"loftq must be true or false, got {self.loftq!r}")
+        if self.loftq and (self.bits != 4 or self.quant_type != "nf4" or not self.double_quant):
+            raise ConfigError(
+                "loftq initialises adapters for the 4-bit NF4 base with double quantization (--qlora); got "
+                f"bits={self.bits}, quant_type={self.quant_type!r}, double_quant={self.double_quant}"
+            )
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.loftq and self.method != "lora":
+            raise ConfigError(f"loftq initialises LoRA adapters, not method {self.method!r}")
         if self.use_dora and self.method != "lora":
             raise ConfigError(f"use_dora applies to method 'lora', not {self.method!r}; drop --dora or --method")
         if self.overflow not in OVERFLOW:

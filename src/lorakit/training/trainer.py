@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.config import LoraConfig, TaskType
+from lorakit.config import AdaLoraConfig, LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
 from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
@@ -37,8 +37,11 @@ from lorakit.kbit import (
     import_bitsandbytes,
     prepare_model_for_kbit_training,
     quantize,
+    replace_lora_weights_loftq,
 )
+from lorakit.layers import kind_for
 from lorakit.model import get_peft_model
+from lorakit.targeting import select_targets
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
 from lorakit.training.config import TrainConfig
@@ -49,8 +52,9 @@ from lorakit.training.report import plot_loss, side_by_side, write_metrics
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
     "model", "method", "data", "r", "lora_alpha", "lora_dropout", "use_dora", "bits", "quant_type", "double_quant",
-    "target_modules", "learning_rate", "weight_decay", "optim", "global_batch", "max_length", "overflow", "seed",
-    "scheduler", "warmup_steps", "max_grad_norm", "total_steps",
+    "loftq", "init_r", "tinit", "tfinal", "orth_reg_weight", "target_modules", "learning_rate", "weight_decay",
+    "optim", "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm",
+    "total_steps",
 ]  # fmt: skip
 
 
@@ -168,42 +172,6 @@ class Trainer:
         if cfg.eval_limit is not None:
             self.eval_set = self.eval_set[: cfg.eval_limit]
 
-        if cfg.method == "full":  # the baseline LoRA is compared against: every weight trains
-            self.model = model.to(world.device)
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-            trainable = total = sum(p.numel() for p in self.model.parameters())
-            self.log(f"full fine-tuning: {total:,} trainable parameters")
-        else:
-            if cfg.bits is not None:  # QLoRA: quantize on the training device, then freeze and upcast
-                model = quantize(
-                    model.to(world.device), bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant
-                )
-                prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-                self.log(
-                    f"base quantized to {cfg.bits} bit"
-                    + (f" ({cfg.quant_type}, double quant {cfg.double_quant})" if cfg.bits == 4 else "")
-                )
-            elif cfg.gradient_checkpointing:
-                enable_activation_checkpointing(model)
-            lora = LoraConfig(
-                r=cfg.r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules=cfg.target_modules,
-                task_type=TaskType.CAUSAL_LM,
-                use_dora=cfg.use_dora,
-            )
-            self.model = get_peft_model(model, lora).to(world.device)
-            trainable, total = self.model.get_nb_trainable_parameters()
-            method = "DoRA" if cfg.use_dora else "LoRA"
-            self.log(
-                f"{method} r={cfg.r} alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} "
-                f"({trainable / total:.3%})"
-            )
-        self.trainable, self.total = trainable, total
-        self.slice_logits = _supports_logit_mask(model)
-
         self.global_batch = cfg.batch_size * cfg.grad_accum * world.size
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -214,11 +182,83 @@ class Trainer:
             )
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
+        if cfg.method == "full":  # the baseline LoRA is compared against: every weight trains
+            self.model = model.to(world.device)
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            trainable = total = sum(p.numel() for p in self.model.parameters())
+            self.log(f"full fine-tuning: {total:,} trainable parameters")
+        else:
+            lora = self._adapter_config()
+            model = model.to(world.device)
+            originals = _target_weights(model, lora) if cfg.loftq else None
+            if cfg.bits is not None:  # QLoRA: quantize on the training device, then freeze and upcast
+                model = quantize(model, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant)
+                prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+                self.log(
+                    f"base quantized to {cfg.bits} bit"
+                    + (f" ({cfg.quant_type}, double quant {cfg.double_quant})" if cfg.bits == 4 else "")
+                )
+            elif cfg.gradient_checkpointing:
+                enable_activation_checkpointing(model)
+            self.model = get_peft_model(model, lora)
+            if originals is not None:  # LoftQ: A, B fitted to W − Q, the base left as quantized
+                t1 = time.perf_counter()
+                fits = replace_lora_weights_loftq(self.model, weights=originals).values()
+                before = math.sqrt(sum(f["quantization_error"] ** 2 for f in fits))
+                after = math.sqrt(sum(f["loftq_error"] ** 2 for f in fits))
+                self.log(
+                    f"LoftQ start: ‖W − Q‖ {before:.1f} -> ‖W − (Q + s·BA)‖ {after:.1f} "
+                    f"({after / before - 1:+.1%}, {time.perf_counter() - t1:.1f} s)"
+                )
+                del originals
+            trainable, total = self.model.get_nb_trainable_parameters()
+            if isinstance(lora, AdaLoraConfig):
+                method = (
+                    f"AdaLoRA init_r={lora.init_r} -> average r={lora.target_r} (cut between steps {lora.tinit} and "
+                    f"{lora.total_step - lora.tfinal} of {lora.total_step})"
+                )
+            else:
+                method = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r}"
+            self.log(f"{method} alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} ({trainable / total:.3%})")
+        self.trainable, self.total = trainable, total
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.slice_logits = _supports_logit_mask(base)
+
         from transformers import get_scheduler
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, cfg.warmup_steps, self.total_steps)
+
+    def _adapter_config(self) -> LoraConfig:
+        """The adapter this run trains: LoRA/DoRA, or AdaLoRA with its schedule laid over ``total_steps``."""
+        cfg = self.cfg
+        common = dict(
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+            task_type=TaskType.CAUSAL_LM,
+        )
+        if cfg.method != "adalora":
+            return LoraConfig(r=cfg.r, use_dora=cfg.use_dora, **common)
+        total = self.total_steps
+        tinit = cfg.tinit if cfg.tinit is not None else total // 10
+        tfinal = cfg.tfinal if cfg.tfinal is not None else total // 5
+        if tinit + tfinal >= total:
+            raise ConfigError(
+                f"AdaLoRA needs steps to cut ranks in: tinit {tinit} + tfinal {tfinal} >= {total} steps in this run; "
+                "lower --tinit/--tfinal or train longer"
+            )
+        return AdaLoraConfig(
+            target_r=cfg.r,
+            init_r=cfg.init_r if cfg.init_r is not None else max(cfg.r, round(1.5 * cfg.r)),
+            tinit=tinit,
+            tfinal=tfinal,
+            total_step=total,
+            orth_reg_weight=cfg.orth_reg_weight,
+            **common,
+        )
 
     def _facts(self) -> dict[str, Any]:
         facts = {k: getattr(self.cfg, k) for k in RESUME_KEYS if hasattr(self.cfg, k)}
@@ -298,8 +338,13 @@ class Trainer:
         return path
 
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:
-        if self.cfg.method != "lora":
+        if self.cfg.method == "full":
             raise ConfigError("--resume is supported for LoRA runs; method 'full' is a baseline without resume")
+        if self.cfg.method == "adalora":
+            raise ConfigError(
+                "--resume is not supported for AdaLoRA runs yet (the importance scores are not checkpointed); the "
+                "checkpoint folder holds a loadable adapter with the ranks kept so far"
+            )
         folder = ckpt.find_resume_checkpoint(Path(self.cfg.output).expanduser(), self.cfg.resume)
         state = ckpt.load_checkpoint(folder, self.model)
         # settings added after a checkpoint was written take their default (the behaviour it was trained with)
@@ -347,7 +392,7 @@ class Trainer:
 
         before = None
         if self.eval_set:
-            with self.model.disable_adapter() if cfg.method == "lora" else contextlib.nullcontext():
+            with self.model.disable_adapter() if cfg.method != "full" else contextlib.nullcontext():
                 before = self._evaluate("before training (base model)")
         dist_utils.barrier(world)
 
@@ -404,7 +449,7 @@ class Trainer:
             )
             if before is not None and after is not None:
                 self.log("\n" + side_by_side(before, after, cfg.samples))
-            if cfg.method == "lora":
+            if cfg.method != "full":
                 self.log(f"\nadapter: {self.output}/adapter_model.safetensors (+ adapter_config.json)")
             else:
                 self.log(f"\nfull model: {self.output}/model/")
@@ -412,7 +457,7 @@ class Trainer:
         return TrainResult(self.output, step, metrics=metrics)
 
     def _save_final(self) -> None:
-        if self.cfg.method == "lora":
+        if self.cfg.method != "full":
             self.model.save_pretrained(self.output)  # adapter files, each replaced atomically
             return
 
@@ -469,6 +514,17 @@ def build_optimizer(
     optim = import_bitsandbytes().optim
     cls = {"adamw8bit": optim.AdamW8bit, "paged_adamw": optim.PagedAdamW, "paged_adamw8bit": optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def _target_weights(model: Any, lora: LoraConfig) -> dict[str, torch.Tensor]:
+    """Copies of the full-precision weights ``lora`` will adapt, as ``(out, in)`` matrices, by module name."""
+    weights = {}
+    for name in select_targets(model, lora):
+        module = model.get_submodule(name)
+        kind = kind_for(module)
+        if kind is not None and not kind.quantized:
+            weights[name] = kind.weight_matrix(module).detach().clone()
+    return weights
 
 
 def _supports_logit_mask(model: Any) -> bool:
