@@ -46,7 +46,7 @@ def run_one(name: str, out_root: Path, **kw) -> dict:
         "steps": m["total_steps"],
         "global_batch": m["global_batch"],
         "trainable_parameters": m["trainable_parameters"],
-        "accuracy_before": m["eval_before"]["accuracy"],
+        "accuracy_before": m["eval_before"]["accuracy"] if m.get("eval_before") else None,
         "accuracy": m["eval_after"]["accuracy"],
         "correct": m["eval_after"]["correct"],
         "total": m["eval_after"]["total"],

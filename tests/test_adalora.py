@@ -36,8 +36,6 @@ def peft_pair(**overrides):
     k = get_peft_model(tiny_llama(), AdaLoraConfig(**cfg))
     state = {}
     for name, tensor in p.state_dict().items():
-        if ".ranknum." in name:
-            continue
         factor = ".lora_A." in name or ".lora_B." in name
         state[name + ".weight" if factor else name] = tensor
     k.load_state_dict(state)
@@ -97,6 +95,7 @@ def test_budget_follows_the_cubic_schedule_and_peft(step):
 
 def test_outputs_loss_and_penalty_equal_peft():
     p, k = peft_pair()
+    assert k.get_nb_trainable_parameters() == p.get_nb_trainable_parameters()
     ids = input_ids()
     torch.testing.assert_close(logits(k, ids), logits(p, ids), rtol=1e-5, atol=1e-5)
     p.train(), k.train()
@@ -175,6 +174,12 @@ def test_files_equal_peft_both_ways_and_shrink_to_the_kept_ranks(tmp_path):
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["rank_pattern"] == k.peft_config["default"].rank_pattern
     assert (tmp_path / "ours" / "adalora_ranks.png").stat().st_size > 1000
+    from lorakit.cli.inspect import summarize
+
+    info = summarize(tmp_path / "ours")  # lorakit inspect
+    assert info["adalora"] == {"init_r": 6, "target_r": 3, "total_step": 20}
+    assert sum(info["rank_pattern"].values()) == 18 and info["modules_adapted"] == 6
+    assert info["adapter_parameters"] == sum(t.numel() for t in kw.values())
 
     ids = input_ids()
     expected = logits(k, ids)
@@ -233,7 +238,7 @@ def test_layers_that_matter_keep_the_rank():
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     base = TwoPaths()
     base.load_state_dict(
-        {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "lora" not in k}
+        {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "base_layer" in k}
     )
     model.train()
     for _ in range(60):
@@ -331,3 +336,16 @@ def test_rank_grid_lays_modules_out_by_layer():
     grid, rows, cols = rank_grid({"model.layers.0.q_proj": 3, "model.layers.1.q_proj": 1, "model.layers.1.v_proj": 2})
     assert rows == ["0", "1"] and cols == ["q_proj", "v_proj"]
     assert grid[0][0] == 3 and math.isnan(grid[0][1]) and grid[1] == [1.0, 2.0]
+
+
+def test_adalora_on_a_4bit_base_equals_adalora_on_the_dequantized_weights():
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (CI installs it)")
+    from test_kbit import dequantized_copy
+
+    cfg = AdaLoraConfig(**settings(init_lora_weights=False))
+    q = get_peft_model(lorakit.quantize(tiny_llama(initializer_range=0.2)), cfg)
+    plain = dequantized_copy(q)
+    ids = input_ids()
+    torch.testing.assert_close(logits(q, ids), logits(plain, ids), rtol=1e-4, atol=1e-4)
+    run_steps(q, 20, explicit=False)
+    assert sum(sum(v) for v in q.peft_config["default"].rank_pattern.values()) == 3 * 6

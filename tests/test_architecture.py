@@ -22,6 +22,7 @@ RANK = {
     "lorakit.adalora": 5,
     "lorakit.persistence": 6,
     "lorakit.model": 7,
+    "lorakit.tasks": 7,
     "lorakit.hub": 8,
     "lorakit.estimate": 8,
     "lorakit.training": 9,

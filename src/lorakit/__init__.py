@@ -20,9 +20,9 @@ from lorakit.errors import (
 )
 from lorakit.kbit import prepare_model_for_kbit_training, quantize, replace_lora_weights_loftq
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_delta, lora_scaling
-from lorakit.model import (
+from lorakit.model import PeftModel
+from lorakit.tasks import (
     MODEL_TYPE_TO_PEFT_MODEL,
-    PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,

@@ -166,6 +166,7 @@ class AdaLoraModel(LoraModel):
                 owner._after_optimizer_step(optimizer)
 
         self._step_hook = register_optimizer_step_post_hook(after_step)  # every optimizer; filtered above
+        weakref.finalize(self, self._step_hook.remove)  # the hook goes when the model does
 
     # -- injection ------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.adalora import AdaLoraModel
-from lorakit.config import TASK_HEADS, LoraConfig, PeftType, TaskType
+from lorakit.config import TASK_HEADS, LoraConfig, PeftType
 from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
 from lorakit.layers.kinds import HFConv1DKind
 from lorakit.persistence import load_adapter_state, module_key, read_adapter_weights, save_adapter, write_adapter
@@ -286,7 +286,7 @@ class PeftModel(nn.Module):
         for name in names:
             config = copy.deepcopy(self.peft_config[name])
             if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = _name_or_path(self.get_base_model())
+                config.base_model_name_or_path = base_name_or_path(self.get_base_model())
             config.inference_mode = True
             if self._wraps_conv1d(name):
                 config.fan_in_fan_out = True  # what PEFT writes for transformers' Conv1D; only the file's copy changes
@@ -311,7 +311,7 @@ class PeftModel(nn.Module):
             raise ConfigError("export_lora converts AdaLoRA adapters; this model's adapters are plain LoRA already")
         config, tensors = self.base_model.lora_equivalent(adapter_name)
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = _name_or_path(self.get_base_model())
+            config.base_model_name_or_path = base_name_or_path(self.get_base_model())
         config.inference_mode = True
         state = {module_key(name, key): t for name, parts in tensors.items() for key, t in parts.items()}
         write_adapter(save_directory, state, config)
@@ -348,6 +348,8 @@ class PeftModel(nn.Module):
             config = LoraConfig.from_pretrained(model_id, subfolder=subfolder)
         config.inference_mode = not is_trainable
         state = read_adapter_weights(model_id, subfolder=subfolder)
+        from lorakit.tasks import MODEL_TYPE_TO_PEFT_MODEL  # the task classes build on this module
+
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         try:
@@ -398,157 +400,36 @@ class PeftModel(nn.Module):
 
     # -- running --------------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the base model with the active adapters; arguments are the base model's."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the base model with the active adapters; arguments are the base model's.
+
+        Args:
+            adapter_names: one adapter name per row of the batch (``"__base__"`` for none), eval mode only:
+                every row goes through its own adapter in one pass (:mod:`lorakit.layers.mixed`).
+        """
+        with self._rows(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
 
     def _run(self, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
         kwargs.update({k: v for k, v in named.items() if v is not None})
-        return self.base_model(**kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        with self._rows(adapter_names, (), kwargs):
+            return self.base_model(**kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``generate`` with the active adapters applied."""
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the active adapters applied (or, with ``adapter_names``, one adapter
+        per prompt row, as in :meth:`forward`; works with the KV cache, sampling and beam search)."""
+        with self._rows(adapter_names, args, kwargs):
+            return self.get_base_model().generate(*args, **kwargs)
 
-
-class _TransformersForward(PeftModel):
-    """A forward whose signature names the usual transformers inputs.
-
-    The HF Trainer keeps only the dataset columns that the model's forward names, so they are spelled out
-    rather than hidden in ``**kwargs``; anything else still passes through ``**kwargs``.
-    """
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        return self._run(named, kwargs)
-
-
-class PeftModelForCausalLM(_TransformersForward):
-    """PEFT name for a causal language model with adapters."""
-
-
-class PeftModelForSeq2SeqLM(PeftModel):
-    """PEFT name for an encoder-decoder model with adapters."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        decoder_inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels,
-        )
-        return self._run(named, kwargs)
-
-
-class PeftModelForSequenceClassification(_TransformersForward):
-    """PEFT name for a sequence classifier; the head (``classifier``/``score``) trains in full."""
-
-
-class PeftModelForTokenClassification(_TransformersForward):
-    """PEFT name for a token classifier; the head (``classifier``/``score``) trains in full."""
-
-
-class PeftModelForQuestionAnswering(PeftModel):
-    """PEFT name for extractive QA; the ``qa_outputs`` head trains in full."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        start_positions: torch.Tensor | None = None,
-        end_positions: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            token_type_ids=token_type_ids,
-            start_positions=start_positions,
-            end_positions=end_positions,
-        )
-        return self._run(named, kwargs)
-
-
-class PeftModelForFeatureExtraction(_TransformersForward):
-    """PEFT name for an encoder used for embeddings."""
-
-
-MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
-    None: PeftModel,
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
-}
-
-
-def get_peft_model(
-    model: nn.Module,
-    peft_config: LoraConfig,
-    adapter_name: str = "default",
-    mixed: bool = False,
-    autocast_adapter_dtype: bool = True,
-    revision: str | None = None,
-    low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wrap ``model`` with a new adapter; the task type in the config picks the wrapper class.
-
-    The base model's parameters are frozen; only the adapter (plus any biases and ``modules_to_save`` the
-    config asks for) requires grad.
-
-    Raises:
-        ConfigError: invalid config for this model (targets that match nothing, unsupported module types...).
-    """
-    if mixed:
-        raise ConfigError("mixed=True (PeftMixedModel) is not supported by lorakit; use mixed=False")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model is a {type(model).__name__}; get_peft_model needs a torch.nn.Module")
-    if revision is not None:
-        peft_config.revision = revision
-    if peft_config.base_model_name_or_path is None:
-        peft_config.base_model_name_or_path = _name_or_path(model)
-    model_cls = MODEL_TYPE_TO_PEFT_MODEL[peft_config.task_type]
-    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    def _rows(self, adapter_names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        first = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None), None)
+        if first is None and args and isinstance(args[0], torch.Tensor):
+            first = args[0]
+        batch = first.shape[0] if isinstance(first, torch.Tensor) else None
+        return self.base_model.rows_routed(adapter_names, batch)
 
 
 def _with_task_defaults(model: nn.Module, config: LoraConfig) -> LoraConfig:
@@ -567,7 +448,7 @@ def _check_adapter_name(name: Any) -> None:
         )
 
 
-def _name_or_path(model: nn.Module) -> str | None:
+def base_name_or_path(model: nn.Module) -> str | None:
     name = getattr(model, "name_or_path", None)
     if name is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None)

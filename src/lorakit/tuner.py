@@ -25,6 +25,7 @@ from lorakit.errors import (
 from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_for
 from lorakit.layers.kinds import supported_type_names
+from lorakit.layers.mixed import BASE_ROW
 from lorakit.targeting import is_module_to_save, pattern_value, select_targets
 
 
@@ -284,6 +285,50 @@ class LoraModel(nn.Module):
                 bias = getattr(layer.base_layer, "bias", None)
                 if isinstance(bias, nn.Parameter):
                     bias.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def rows_routed(self, adapter_names: list[str], batch: int | None = None) -> Iterator[None]:
+        """Inside the block, row i of every batch goes through adapter ``adapter_names[i]`` (``"__base__"``: none).
+
+        Raises:
+            ConfigError: not in eval mode, names that are not a list of strings, a length other than ``batch``.
+            AdapterNotFoundError: a name this model does not hold (which one, and the names it does).
+            MergeError: an adapter is merged into the base weights.
+            The model is left unchanged by any of them.
+        """
+        if self.training:
+            raise ConfigError("adapter_names (a batch that mixes adapters) runs in eval mode; call model.eval() first")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ConfigError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+        names = list(adapter_names)
+        if batch is not None and len(names) != batch:
+            raise ConfigError(
+                f"adapter_names has {len(names)} entries but the batch has {batch} rows; give one per row"
+            )
+        for name in dict.fromkeys(names):
+            if name != BASE_ROW and name not in self.peft_config:
+                raise AdapterNotFoundError(
+                    f"adapter_names holds {name!r}, which this model does not have; it holds "
+                    f"{sorted(self.peft_config)} (and {BASE_ROW!r} for the base model)"
+                    + suggest(name, self.peft_config)
+                )
+        copies = [n for _, w in self.adapter_layers() if isinstance(w, ModulesToSaveWrapper) for n in w.adapter_names()]
+        if set(copies) & set(names):
+            raise ConfigError(
+                "adapter_names mixes adapters that train whole modules (modules_to_save); a batch can mix adapters "
+                "whose changes are all low-rank. Run these rows in separate batches with set_adapter"
+            )
+        layers = [layer for _, layer in self.lora_layers()]
+        merged = sorted({a for layer in layers for a in layer.merged_adapters})
+        if merged:
+            raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
+        try:
+            for layer in layers:
+                layer.row_adapters = names
+            yield
+        finally:
+            for layer in layers:
+                layer.row_adapters = None
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:

@@ -18,7 +18,8 @@ examples:
 
 _LAYER = re.compile(r"\.(\d+)\.")
 _FACTOR = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$|\.(lora_embedding_[AB]|lora_magnitude_vector)$"
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$"
+    r"|\.(lora_embedding_[AB]|lora_magnitude_vector|lora_A|lora_B|lora_E)$"  # bare tensors: DoRA, AdaLoRA
 )
 
 
@@ -96,6 +97,7 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
             t["layers"].add(int(layer[-1]))
     adapter_params = sum(e["params"] for e in modules.values())
     other_params = sum(int(torch.Size(s).numel()) for s in others.values())
+    adalora = getattr(config, "init_r", None) is not None
     return {
         "folder": str(folder),
         "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
@@ -104,7 +106,10 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "use_dora": config.use_dora,
-        "rank_pattern": config.rank_pattern or {},
+        "rank_pattern": (config.kept_ranks if adalora else config.rank_pattern) or {},
+        "adalora": {"init_r": config.init_r, "target_r": config.target_r, "total_step": config.total_step}
+        if adalora
+        else None,
         "target_modules": sorted(config.target_modules)
         if isinstance(config.target_modules, (set, list, tuple))
         else config.target_modules,
@@ -141,15 +146,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"adapter      {info['folder']}")
     print(f"type         {info['peft_type']} ({info['task_type']})   base model: {info['base_model']}")
-    method = "DoRA (magnitude + direction)" if info["use_dora"] else "LoRA"
-    scaling = info["lora_alpha"] / info["r"]
-    print(f"rank         r={info['r']}  lora_alpha={info['lora_alpha']}  scaling={scaling:g}  {method}")
-    if info["rank_pattern"]:
-        print(f"rank_pattern {info['rank_pattern']}")
+    ada = info["adalora"]
+    if ada:
+        kept = info["rank_pattern"]
+        ranks = f"{sum(kept.values())} of {ada['init_r'] * len(kept)} triplets kept" if kept else "not cut yet"
+        scaling = info["lora_alpha"] / (ada["init_r"] + 1e-5)
+        print(
+            f"rank         AdaLoRA init_r={ada['init_r']} -> target_r={ada['target_r']} on average: {ranks}  "
+            f"lora_alpha={info['lora_alpha']}  scaling={scaling:.4g}"
+        )
+    else:
+        method = "DoRA (magnitude + direction)" if info["use_dora"] else "LoRA"
+        scaling = info["lora_alpha"] / info["r"]
+        print(f"rank         r={info['r']}  lora_alpha={info['lora_alpha']}  scaling={scaling:g}  {method}")
+        if info["rank_pattern"]:
+            print(f"rank_pattern {info['rank_pattern']}")
     print(f"targets      {info['target_modules']}  -> {info['modules_adapted']} modules")
     for name, t in info["by_module"].items():
         print(f"  {name:<24} x{t['count']:<4} rank {','.join(map(str, t['ranks']))}   layers {t['layers']}")
     held = "LoRA factors and DoRA magnitudes" if info["use_dora"] else "LoRA factors"
+    held = "AdaLoRA triplets (A, E, B)" if ada else held
     print(f"parameters   {info['adapter_parameters']:,} in {held}", end="")
     print(
         f" + {info['other_parameters']:,} in {len(info['other_tensors'])} other tensors"

@@ -154,6 +154,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=S, help="eval generation length (16)")
     g.add_argument("--samples", type=int, default=S, help="sample generations printed (4)")
     g.add_argument("--skip-eval", dest="skip_eval", action="store_true", default=S, help="no before/after eval")
+    g.add_argument(
+        "--no-eval-before", dest="eval_before", action="store_false", default=S, help="evaluate after training only"
+    )
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

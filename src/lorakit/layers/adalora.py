@@ -55,6 +55,9 @@ class AdaLoraVariant(LoraVariant):
         r = layer.r[adapter]
         layer.scaling[adapter] = adalora_scaling(layer.lora_alpha[adapter], r)
         layer.lora_E[adapter] = nn.Parameter(torch.zeros(r, 1, dtype=a.dtype, device=a.device))
+        # r₀ as PEFT keeps it: a frozen one-element parameter (so parameter counts match PEFT's); the scale above
+        # already holds it, and truncation leaves it alone
+        layer.ranknum[adapter] = nn.Parameter(torch.full((1,), float(r), device=a.device), requires_grad=False)
 
     def initialize(self, layer: LoraLayer, adapter: str, init: bool | str) -> None:
         """PEFT's start: E = 0 (ΔW = 0) and A, B ~ N(0, 0.02²); ``init=False`` draws all three from N(0, 1)."""

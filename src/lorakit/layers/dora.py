@@ -195,6 +195,9 @@ class DoraVariant(LoraVariant):
         m = magnitude.weight
         return m / norm.view(m.shape).to(m.dtype)
 
+    def output_scale(self, layer: LoraLayer, adapter: str) -> torch.Tensor:
+        return self.scale(layer, adapter)
+
     # -- forward --------------------------------------------------------------------------------------
 
     def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

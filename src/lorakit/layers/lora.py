@@ -19,6 +19,7 @@ from lorakit.layers.delta import lora_delta, lora_scaling
 from lorakit.layers.dora import DoraVariant
 from lorakit.layers.kinds import LayerKind, kind_for
 from lorakit.layers.loftq import loftq_initialize
+from lorakit.layers.mixed import mixed_forward
 from lorakit.layers.variant import LoraVariant
 
 #: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
@@ -79,6 +80,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
         self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values, per AdaLoRA adapter (PEFT's name)
+        self.ranknum = nn.ParameterDict()  # AdaLoRA's initial rank, frozen, never saved (PEFT's name)
         self.variant: dict[str, LoraVariant] = {}
         self._merge_records: dict[str, object] = {}
         self.r: dict[str, int] = {}
@@ -88,6 +90,7 @@ class LoraLayer(AdapterLayer):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        self.row_adapters: list[str] | None = None  # set for one forward of a batch that mixes adapters
 
     # -- adapters -------------------------------------------------------------------------------------
 
@@ -181,7 +184,7 @@ class LoraLayer(AdapterLayer):
             raise MergeError(f"adapter {adapter!r} is merged into the base weight; unmerge it before deleting it")
         for container in (*self.kind.containers, "lora_dropout"):
             del getattr(self, container)[adapter]
-        for holder in (self.lora_magnitude_vector, self.lora_E):
+        for holder in (self.lora_magnitude_vector, self.lora_E, self.ranknum):
             if adapter in holder:
                 del holder[adapter]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variant):
@@ -253,6 +256,8 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:  # each row its own adapter (lorakit.layers.mixed)
+            return mixed_forward(self, x, self.row_adapters, *args, **kwargs)
         pending = [a for a in self.active_adapters if a not in self.merged_adapters]
         if len(pending) == 1 and not args and not kwargs:
             fused = self.variant[pending[0]].fast_forward(self, pending[0], x)

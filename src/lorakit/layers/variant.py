@@ -46,6 +46,10 @@ class LoraVariant:
             return f"{container}.{adapter}.weight"
         return f"{container}.{adapter}.{rest}" if rest else f"{container}.{adapter}"
 
+    def output_scale(self, layer: LoraLayer, adapter: str) -> torch.Tensor | None:
+        """A per-output-feature factor applied to ``W x + s·B A x`` before the bias, or None (plain LoRA adds)."""
+        return None
+
     def factors(self, layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (r, k), B (d, r))`` with ΔW = s·BA: LoRA's factors as the layer kind flattens them."""
         return layer.kind.factors(layer, adapter)

@@ -76,6 +76,7 @@ class TrainConfig:
     max_new_tokens: int = 16
     samples: int = 4  #: sample generations printed after training
     skip_eval: bool = False
+    eval_before: bool = True  #: also evaluate the base model before training (the "before" column)
     device: str = "auto"
     overwrite: bool = False
     resume: str | None = None  #: "latest" or a checkpoint folder

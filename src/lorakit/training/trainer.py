@@ -40,14 +40,16 @@ from lorakit.kbit import (
     replace_lora_weights_loftq,
 )
 from lorakit.layers import kind_for
-from lorakit.model import get_peft_model
 from lorakit.targeting import select_targets
+from lorakit.tasks import get_peft_model
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
 from lorakit.training.config import TrainConfig
 from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
 from lorakit.training.evaluate import exact_match
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
+
+METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
 
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
@@ -391,7 +393,7 @@ class Trainer:
             self._set_aside_old_checkpoints()
 
         before = None
-        if self.eval_set:
+        if self.eval_set and cfg.eval_before:
             with self.model.disable_adapter() if cfg.method != "full" else contextlib.nullcontext():
                 before = self._evaluate("before training (base model)")
         dist_utils.barrier(world)
@@ -445,7 +447,9 @@ class Trainer:
         if world.is_main:
             write_metrics(self.output / "metrics.json", metrics)
             plot_loss(
-                history, self.output / "loss.png", title=f"lorakit train: LoRA r={cfg.r} on {self.train_path.name}"
+                history,
+                self.output / "loss.png",
+                title=f"lorakit train: {METHOD_NAMES[cfg.method]} r={cfg.r} on {self.train_path.name}",
             )
             if before is not None and after is not None:
                 self.log("\n" + side_by_side(before, after, cfg.samples))

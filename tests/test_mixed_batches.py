@@ -1,0 +1,124 @@
+"""Batches that mix adapters (``adapter_names``): each row equals that row run alone with its adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_gpt2, tiny_llama
+from lorakit import LoraConfig, get_peft_model
+from lorakit.errors import AdapterNotFoundError, ConfigError, MergeError
+
+RANDOM = dict(init_lora_weights=False)
+ADAPTERS = {  # different ranks, targets and variants; "small" lacks o_proj, "dora" lacks q_proj
+    "small": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], **RANDOM),
+    "wide": LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], **RANDOM),
+    "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"], use_dora=True, **RANDOM),
+}
+
+
+def model_with_adapters(factory=tiny_llama, adapters=ADAPTERS):
+    names = list(adapters)
+    model = get_peft_model(factory(), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, adapters[name])
+    with torch.no_grad():  # DoRA magnitudes off their initial value, where the rescale is the identity
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + torch.rand(p.shape))
+    return model.eval()
+
+
+def alone(model, name, ids, **kw):
+    if name == "__base__":
+        with model.disable_adapter():
+            return model(input_ids=ids, **kw).logits
+    model.set_adapter(name)
+    return model(input_ids=ids, **kw).logits
+
+
+def test_every_row_equals_running_it_alone_with_its_adapter():
+    model = model_with_adapters()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (6, 10))
+    names = ["wide", "small", "__base__", "dora", "wide", "small"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            torch.testing.assert_close(
+                mixed[row : row + 1], alone(model, name, ids[row : row + 1]), rtol=1e-5, atol=1e-5
+            )
+    assert all(layer.row_adapters is None for layer in model.modules() if hasattr(layer, "row_adapters"))
+
+
+def test_conv1d_with_bias_and_dora_rows():
+    adapters = {
+        "a": LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False),
+        "d": LoraConfig(r=2, target_modules=["c_attn", "c_fc"], use_dora=True, init_lora_weights=False),
+    }
+    model = model_with_adapters(tiny_gpt2, adapters)
+    ids = torch.randint(0, 96, (3, 7))
+    names = ["d", "a", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            torch.testing.assert_close(
+                mixed[row : row + 1], alone(model, name, ids[row : row + 1]), rtol=1e-5, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_with_kv_cache_equals_each_row_alone(beams):
+    model = model_with_adapters()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 96, (4, 6))
+    names = ["small", "dora", "__base__", "wide"]
+    kw = dict(max_new_tokens=8, do_sample=False, num_beams=beams, pad_token_id=0)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **kw)
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    expected = model.generate(input_ids=ids[row : row + 1], **kw)
+            else:
+                model.set_adapter(name)
+                expected = model.generate(input_ids=ids[row : row + 1], **kw)
+            assert torch.equal(mixed[row : row + 1, : expected.shape[1]], expected), (row, name)
+
+
+def test_bad_adapter_names_are_refused_and_leave_the_model_alone():
+    model = model_with_adapters()
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(AdapterNotFoundError, match="adapter_names holds 'wdie'.*did you mean 'wide'"):
+        model(input_ids=ids, adapter_names=["small", "wdie"])
+    with pytest.raises(ConfigError, match="adapter_names has 3 entries but the batch has 2 rows"):
+        model(input_ids=ids, adapter_names=["small", "wide", "dora"])
+    with pytest.raises(ConfigError, match="must be a list of adapter names"):
+        model(input_ids=ids, adapter_names="small")
+    model.train()
+    with pytest.raises(ConfigError, match="runs in eval mode"):
+        model(input_ids=ids, adapter_names=["small", "wide"])
+    model.eval()
+    model.set_adapter("small")
+    model.merge_adapter()
+    with pytest.raises(MergeError, match="unmerge them before mixing"):
+        model(input_ids=ids, adapter_names=["small", "wide"])
+    model.unmerge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    assert all(layer.row_adapters is None for layer in model.modules() if hasattr(layer, "row_adapters"))
+
+
+def test_the_concatenated_factors_follow_weight_changes():
+    model = model_with_adapters()
+    ids = torch.randint(0, 96, (2, 5))
+    names = ["small", "wide"]
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=names)
+        for n, p in model.named_parameters():
+            if "lora_B.wide" in n:
+                p.mul_(2.0)
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        torch.testing.assert_close(mixed[1:], alone(model, "wide", ids[1:]), rtol=1e-5, atol=1e-5)
