@@ -114,6 +114,7 @@ class LoraModel(nn.Module):
             ConfigError: a second adapter asks for trainable biases (only one adapter may own them).
         """
         self._check_config_type(config)
+        self._structure_changed()
         if config.bias != "none":
             others = [n for n, c in self.peft_config.items() if n != adapter_name and c.bias != "none"]
             if others:
@@ -242,6 +243,7 @@ class LoraModel(nn.Module):
 
     def remove_adapter_layers(self, adapter_name: str) -> None:
         """Delete ``adapter_name`` from every layer; layers left with no adapter give back their original."""
+        self._structure_changed()
         for name, layer in list(self.adapter_layers()):
             if adapter_name in layer.adapter_names():
                 layer.delete(adapter_name)
@@ -256,7 +258,7 @@ class LoraModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._check_adapter(name)
-        for _, layer in self.adapter_layers():
+        for layer in self._adapter_layer_list():
             layer.set_active(names)
             for adapter in layer.adapter_names():
                 trainable = adapter in names and not self.peft_config[adapter].inference_mode
@@ -286,6 +288,17 @@ class LoraModel(nn.Module):
                 if isinstance(bias, nn.Parameter):
                     bias.requires_grad_(True)
 
+    def _adapter_layer_list(self) -> list[AdapterLayer]:
+        """Every adapter layer, remembered until the model's structure changes (inject, remove, unload): switching
+        adapters and mixed batches visit them all, and walking a large model's modules each time is slow."""
+        cached = self.__dict__.get("_layer_list_cache")
+        if cached is None:
+            cached = self.__dict__["_layer_list_cache"] = [layer for _, layer in self.adapter_layers()]
+        return cached
+
+    def _structure_changed(self) -> None:
+        self.__dict__.pop("_layer_list_cache", None)
+
     @contextlib.contextmanager
     def rows_routed(self, adapter_names: list[str], batch: int | None = None) -> Iterator[None]:
         """Inside the block, row i of every batch goes through adapter ``adapter_names[i]`` (``"__base__"``: none).
@@ -312,13 +325,14 @@ class LoraModel(nn.Module):
                     f"{sorted(self.peft_config)} (and {BASE_ROW!r} for the base model)"
                     + suggest(name, self.peft_config)
                 )
-        copies = [n for _, w in self.adapter_layers() if isinstance(w, ModulesToSaveWrapper) for n in w.adapter_names()]
+        wrappers = self._adapter_layer_list()
+        copies = [n for w in wrappers if isinstance(w, ModulesToSaveWrapper) for n in w.adapter_names()]
         if set(copies) & set(names):
             raise ConfigError(
                 "adapter_names mixes adapters that train whole modules (modules_to_save); a batch can mix adapters "
                 "whose changes are all low-rank. Run these rows in separate batches with set_adapter"
             )
-        layers = [layer for _, layer in self.lora_layers()]
+        layers = [layer for layer in wrappers if isinstance(layer, LoraLayer)]
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
@@ -394,6 +408,7 @@ class LoraModel(nn.Module):
         becomes a plain ``nn.Linear`` in ``dequantize_dtype`` (default: its compute dtype), adapted ones with
         ΔW added; nothing is requantized.
         """
+        self._structure_changed()
         if merge:
             names = self._merge_names(adapter_names, safe_merge)  # refuse before dequantizing anything
             for _, layer in self.lora_layers():

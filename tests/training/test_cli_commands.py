@@ -172,3 +172,37 @@ def test_logit_drift_is_measured_per_position():
     got = torch.tensor([[[0.0, 1.0, 0.5], [0.0, 3.0, 0.0]]])
     d = logit_drift(ref, got)
     assert d == {"max_abs": 3.0, "mean_abs": pytest.approx(5.5 / 6), "top1_agreement": 0.5}
+
+
+def test_generate_batch_mixes_adapters_row_by_row(tmp_path, model_dir, adapter_dir, capsys):
+    """--batch: every prompt through its own adapter in one mixed batch = that prompt alone with that adapter."""
+    folder, _ = adapter_dir
+    other = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=2, target_modules=["v_proj", "up_proj"], init_lora_weights=False),
+    )
+    other.save_pretrained(tmp_path / "other")
+    rows = [
+        {"prompt": "hello there", "adapter": "b"},
+        {"prompt": "a much longer prompt than the others here", "adapter": "a"},
+        {"prompt": "base row", "adapter": "__base__"},
+        {"prompt": "no adapter named: the first one"},
+    ]
+    batch = tmp_path / "prompts.jsonl"
+    batch.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["generate", "--model", str(model_dir), "--raw", "--max-new-tokens", "4"]
+    adapters = ["--adapter", f"a={folder}", "--adapter", f"b={tmp_path / 'other'}"]
+    assert (
+        main([*common, *adapters, "--batch", str(batch), "--batch-size", "3", "-o", str(tmp_path / "out.jsonl")]) == 0
+    )
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["adapter"] for o in out] == ["b", "a", "__base__", "a"]
+    capsys.readouterr()
+    singles = {"a": ["--adapter", str(folder)], "b": ["--adapter", str(tmp_path / "other")], "__base__": []}
+    for o in out:
+        assert main([*common, *singles[o["adapter"]], "--prompt", o["prompt"]]) == 0
+        assert capsys.readouterr().out.strip() == o["completion"], o
+
+    batch.write_text('{"prompt": "x", "adapter": "c"}\n')
+    assert main([*common, *adapters, "--batch", str(batch)]) == 1
+    assert "line 1: adapter 'c' is not loaded; known: ['a', 'b', '__base__']" in capsys.readouterr().err

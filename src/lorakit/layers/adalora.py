@@ -120,3 +120,4 @@ def truncate(layer: LoraLayer, adapter: str, keep: torch.Tensor) -> None:
     fresh_a.requires_grad_(a.requires_grad)
     fresh_b.requires_grad_(b.requires_grad)
     layer.r[adapter] = int(idx.numel())
+    layer.adapters_stamp += 1

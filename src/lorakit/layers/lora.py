@@ -91,6 +91,7 @@ class LoraLayer(AdapterLayer):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.row_adapters: list[str] | None = None  # set for one forward of a batch that mixes adapters
+        self.adapters_stamp = 0  # bumped whenever an adapter is added, removed or reshaped (caches key on it)
 
     # -- adapters -------------------------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class LoraLayer(AdapterLayer):
         """
         if adapter in self.r:
             raise AdapterExistsError(f"adapter {adapter!r} already exists on this layer")
+        self.adapters_stamp += 1
         self.r[adapter] = r
         self.lora_alpha[adapter] = lora_alpha
         self.use_rslora[adapter] = use_rslora
@@ -172,7 +174,8 @@ class LoraLayer(AdapterLayer):
         return self.variant[adapter].param_key(self, adapter, file_key)
 
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
-        return list(self.adapter_state(adapter).values())
+        self._check(adapter)
+        return [*self.kind.factor_params(self, adapter), *self.variant[adapter].extra_state(self, adapter).values()]
 
     def set_active(self, adapters: list[str]) -> None:
         self.active_adapters = [a for a in adapters if a in self.r]
@@ -184,6 +187,7 @@ class LoraLayer(AdapterLayer):
             raise MergeError(f"adapter {adapter!r} is merged into the base weight; unmerge it before deleting it")
         for container in (*self.kind.containers, "lora_dropout"):
             del getattr(self, container)[adapter]
+        self.adapters_stamp += 1
         for holder in (self.lora_magnitude_vector, self.lora_E, self.ranknum):
             if adapter in holder:
                 del holder[adapter]

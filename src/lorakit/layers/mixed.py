@@ -73,12 +73,22 @@ class _Pack:
         return got
 
 
-def _state_key(layer: LoraLayer, adapters: tuple[str, ...]) -> tuple[Any, ...]:
-    """Changes whenever a factor, magnitude or scale of these adapters (or the base weight) changes."""
+def _stamp(layer: LoraLayer, adapters: tuple[str, ...]) -> tuple[Any, ...]:
+    """What the cached pack was built for: cheap to read on every forward (no walk over the parameters)."""
+    return adapters, layer.adapters_stamp, id(layer.base_layer), tuple(layer.scaling[a] for a in adapters)
+
+
+def _watched(layer: LoraLayer, adapters: tuple[str, ...]) -> list[tuple[torch.Tensor, int, int]]:
+    """The tensors a pack depends on, with their version counters and storage, read once per pack."""
     tensors = [layer.kind.base_weight(layer.base_layer)]
     for adapter in adapters:
-        tensors.extend(layer.adapter_parameters(adapter))
-    return adapters, tuple(layer.scaling[a] for a in adapters), tuple((id(t), t._version) for t in tensors)
+        tensors.extend(layer.kind.factor_params(layer, adapter))
+        tensors.extend(layer.variant[adapter].extra_state(layer, adapter).values())
+    return [(t, t._version, t.data_ptr()) for t in tensors]
+
+
+def _fresh(watched: list[tuple[torch.Tensor, int, int]]) -> bool:
+    return all(t._version == version and t.data_ptr() == ptr for t, version, ptr in watched)
 
 
 def row_names_for(names: list[str], batch: int) -> list[str]:
@@ -103,18 +113,18 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, names: list[str], *args: An
     adapters = tuple(a for a in dict.fromkeys(names) if a in layer.r)
     if not adapters:
         return result
-    key = _state_key(layer, adapters)
-    cache = layer.__dict__.setdefault("_mixed_cache", {})
-    pack = cache.get(adapters)
-    if pack is None or pack[0] != key:
-        pack = (key, _Pack(layer, adapters))
-        cache.clear()  # one batch composition at a time: the factors are small, but no need to hoard them
-        cache[adapters] = pack
-    pack = pack[1]
+    stamp = _stamp(layer, adapters)
+    cached = layer.__dict__.get("_mixed_pack")  # one batch composition at a time
+    if cached is None or cached[0] != stamp or not _fresh(cached[1]):
+        cached = layer.__dict__["_mixed_pack"] = (stamp, _watched(layer, adapters), _Pack(layer, adapters))
+    pack = cached[2]
 
     batch = x.shape[0]
     mask, scale = pack.rows(tuple(names), result.shape[-1], result.dtype, x.device)
     h = F.linear(x.to(pack.a.dtype), pack.a) * mask.view((batch,) + (1,) * (x.dim() - 2) + (pack.width,))
+    if scale is None and result.dtype == h.dtype:  # one GEMM that also adds: result + h B'ᵀ
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, pack.width), pack.b.t())
+        return flat.view(result.shape)
     update = F.linear(h, pack.b).to(result.dtype)
     if scale is None:
         return result + update
