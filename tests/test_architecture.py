@@ -20,6 +20,7 @@ RANK = {
     "lorakit.kbit": 4,
     "lorakit.tuner": 5,
     "lorakit.adalora": 5,
+    "lorakit.combine": 5,
     "lorakit.persistence": 6,
     "lorakit.model": 7,
     "lorakit.tasks": 7,

@@ -191,6 +191,9 @@ class AdaLoraModel(LoraModel):
     def _layer_form(self, config: LoraConfig, name: str) -> tuple[int, str]:
         return config.init_r, "adalora"
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ConfigError("add_weighted_adapter combines LoRA adapters; export AdaLoRA ones first (export_lora)")
+
     def _after_inject(self, adapter_name: str, config: LoraConfig) -> None:
         """A config with a ``rank_pattern`` (a trained adapter being loaded) gets its kept ranks at once."""
         if config.rank_pattern:

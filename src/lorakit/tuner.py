@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from lorakit.combine import add_weighted_adapter
 from lorakit.config import TASK_HEADS, LoraConfig, PeftType
 from lorakit.errors import (
     AdapterExistsError,
@@ -182,6 +184,10 @@ class LoraModel(nn.Module):
                 f"this model holds LoRA adapters; a {config.peft_type.value} adapter cannot join them (PEFT keeps "
                 "one method per model as well): load it onto a separate model"
             )
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+        """A new adapter from weighted existing ones (PEFT's arguments; see :mod:`lorakit.combine`)."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
     def _layer_form(self, config: LoraConfig, name: str) -> tuple[int, str]:
         """``(rank, variant name)`` of the adapter that ``config`` puts on module ``name``."""
