@@ -94,16 +94,12 @@ class RankAllocator:
         """S_i per layer, ``(r,)``: λ_i's score plus the mean scores of A's row i and B's column i."""
         out = {}
         for name, layer in self.layers.items():
-            r = layer.r[self.adapter]
-            score = {
-                w: self.exp_avg_ipt[(name, w)] * self.exp_avg_unc[(name, w)] if (name, w) in self.exp_avg_ipt else None
-                for w in ("A", "B", "E")
-            }
-            if any(s is None for s in score.values()):
-                out[name] = torch.zeros(r)
+            keys = [(name, w) for w in ("A", "B", "E")]
+            if not all(k in self.exp_avg_ipt for k in keys):  # no gradient seen yet: nothing to rank by
+                out[name] = torch.zeros(layer.r[self.adapter])
                 continue
-            s_a, s_b, s_e = score["A"].mean(dim=1), score["B"].mean(dim=0), score["E"].view(-1)
-            out[name] = (s_e + (s_a + s_b)).float().cpu()
+            s_a, s_b, s_e = (self.exp_avg_ipt[k] * self.exp_avg_unc[k] for k in keys)
+            out[name] = (s_e.view(-1) + (s_a.mean(dim=1) + s_b.mean(dim=0))).float().cpu()
         return out
 
     @torch.no_grad()
@@ -206,6 +202,10 @@ class AdaLoraModel(LoraModel):
         self.trainable_adapter_name = adapter_name
         self.rankallocator = RankAllocator(config, self._layers_with(adapter_name), adapter_name)
 
+    def _adapter_or_default(self, adapter_name: str | None) -> str:
+        """``adapter_name``, else the trainable adapter, else the first active one."""
+        return adapter_name or self.trainable_adapter_name or self.active_adapters[0]
+
     def _layers_with(self, adapter: str) -> dict[str, LoraLayer]:
         return {name: layer for name, layer in self.lora_layers() if adapter in layer.r}
 
@@ -231,7 +231,7 @@ class AdaLoraModel(LoraModel):
 
     def orthogonal_penalty(self, adapter: str | None = None) -> torch.Tensor:
         """mean over the adapter's factors of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (paper eq. 4)."""
-        adapter = adapter or self.trainable_adapter_name
+        adapter = self._adapter_or_default(adapter)
         terms = []
         for layer in self._layers_with(adapter).values():
             if layer.r[adapter] == 0:
@@ -306,7 +306,7 @@ class AdaLoraModel(LoraModel):
         Returns:
             the kept rank per module.
         """
-        adapter_name = adapter_name or self.trainable_adapter_name or self.active_adapters[0]
+        adapter_name = self._adapter_or_default(adapter_name)
         pattern = self.peft_config[adapter_name].rank_pattern
         if not pattern:
             raise ConfigError(f"adapter {adapter_name!r} has no rank_pattern yet: nothing has been masked")
@@ -341,7 +341,7 @@ class AdaLoraModel(LoraModel):
 
     def kept_ranks(self, adapter_name: str | None = None) -> dict[str, int]:
         """Rank per adapted module: from the rank pattern where one exists, else the layer's rank."""
-        adapter_name = adapter_name or self.trainable_adapter_name or self.active_adapters[0]
+        adapter_name = self._adapter_or_default(adapter_name)
         pattern = self.peft_config[adapter_name].rank_pattern or {}
         return {
             name: sum(pattern[f"{name}.lora_E"]) if f"{name}.lora_E" in pattern else layer.r[adapter_name]
@@ -355,7 +355,7 @@ class AdaLoraModel(LoraModel):
         (``rank_pattern`` where it differs from the most common one) and LoRA's s_lora = α / r; modules left
         with no triplet are not adapted at all.
         """
-        adapter_name = adapter_name or self.trainable_adapter_name or self.active_adapters[0]
+        adapter_name = self._adapter_or_default(adapter_name)
         config = self.peft_config[adapter_name]
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         ranks: dict[str, int] = {}
@@ -399,7 +399,7 @@ class AdaLoraModel(LoraModel):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        adapter_name = adapter_name or self.trainable_adapter_name or self.active_adapters[0]
+        adapter_name = self._adapter_or_default(adapter_name)
         config = self.peft_config[adapter_name]
         grid, rows, cols = rank_grid(self.kept_ranks(adapter_name))
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.28 * len(rows)))
