@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-foreign", type=float, default=0.15)
+    ap.add_argument("--many", type=int, default=32, help="adapters loaded for the second set_adapter timing")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def switch(lib):
         model = models[lib]
-        cycle = iter(names * 1000)
+        cycle = iter(list(model.peft_config) * 1000)  # every adapter loaded, in turn
         return lambda: [model.set_adapter(next(cycle)) for _ in range(100)]
 
     sw, _ = interleaved({lib: switch(lib) for lib in models}, 1, 5, 1)
@@ -122,11 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         return go
 
     ld, _ = interleaved({lib: load(lib) for lib in models}, 1, 5, 1)
+
+    for model in models.values():  # dozens of adapters: does switching slow down as more are loaded?
+        for i in range(args.adapters, args.many):
+            model.load_adapter(tmp / names[i % len(names)], adapter_name=f"task{i}")
+    sw_many, _ = interleaved({lib: switch(lib) for lib in models}, 1, 5, 1)
     ratios = {
         "tokens/s mixed / single adapter (lorakit)": tok_s["lorakit_mixed"] / tok_s["lorakit_single"],
         "tokens/s mixed / single adapter (peft)": tok_s["peft_mixed"] / tok_s["peft_single"],
         "tokens/s mixed lorakit / mixed peft": tok_s["lorakit_mixed"] / tok_s["peft_mixed"],
         "set_adapter lorakit / peft": statistics.median(sw["lorakit"]) / statistics.median(sw["peft"]),
+        f"set_adapter lorakit / peft, {args.many} adapters loaded": statistics.median(sw_many["lorakit"])
+        / statistics.median(sw_many["peft"]),
+        f"set_adapter lorakit, {args.many} / {args.adapters} adapters loaded": statistics.median(sw_many["lorakit"])
+        / statistics.median(sw["lorakit"]),
         "load_adapter+delete lorakit / peft": statistics.median(ld["lorakit"]) / statistics.median(ld["peft"]),
     }
     print()
@@ -134,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokens/s {n:<24}{v:9.1f}")
     us = {lib: statistics.median(sw[lib]) / 100 * 1e6 for lib in models}
     ms = {lib: statistics.median(ld[lib]) * 1e3 for lib in models}
-    print(f"set_adapter: lorakit {us['lorakit']:.0f} us, peft {us['peft']:.0f} us")
+    print(f"set_adapter: lorakit {us['lorakit']:.1f} us, peft {us['peft']:.0f} us ({args.adapters} adapters loaded)")
+    us_many = {lib: statistics.median(sw_many[lib]) / 100 * 1e6 for lib in models}
+    print(f"set_adapter: lorakit {us_many['lorakit']:.1f} us, peft {us_many['peft']:.0f} us ({args.many} loaded)")
     print(f"load_adapter + delete_adapter: lorakit {ms['lorakit']:.1f} ms, peft {ms['peft']:.1f} ms")
     for n, v in ratios.items():
-        print(f"{n:<48}{v:8.3f}")
+        print(f"{n:<56}{v:10.3g}")
     if args.json:
         result = {
             "command": " ".join(["python", *sys.argv]),
@@ -153,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "generate_s": {n: summary(v) for n, v in samples.items()},
             "tokens_per_s": tok_s,
             "set_adapter_s_per_100": {n: summary(v) for n, v in sw.items()},
+            f"set_adapter_s_per_100_with_{args.many}_adapters": {n: summary(v) for n, v in sw_many.items()},
             "load_and_delete_adapter_s": {n: summary(v) for n, v in ld.items()},
             "noise": noise,
             "ratios": ratios,

@@ -122,3 +122,48 @@ def test_the_concatenated_factors_follow_weight_changes():
                 p.mul_(2.0)
         mixed = model(input_ids=ids, adapter_names=names).logits
         torch.testing.assert_close(mixed[1:], alone(model, "wide", ids[1:]), rtol=1e-5, atol=1e-5)
+
+
+def _plans_used(model):
+    from lorakit.layers.lora import LoraLayer
+
+    plans = set()
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and "_mixed_pack" in layer.__dict__:
+            plans.update("grouped" if p.grouped else "masked" for p in layer.__dict__["_mixed_pack"][2]._plans.values())
+    return plans
+
+
+@pytest.mark.parametrize(
+    ("names", "plan"),
+    [
+        (["wide", "small", "dora", "wide", "small", "dora"], "grouped"),  # balanced: each row its adapter only
+        (["wide", "wide", "small", "__base__", "wide", "dora", "small"], "grouped"),  # padded groups, base rows
+        (["wide"] * 6 + ["small"], "masked"),  # one big group: padding the others would cost more than masking
+    ],
+)
+def test_both_plans_give_each_row_its_own_adapter(names, plan):
+    model = model_with_adapters()
+    torch.manual_seed(2)
+    ids = torch.randint(0, 96, (len(names), 9))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        assert plan in _plans_used(model)
+        for row, name in enumerate(names):
+            torch.testing.assert_close(
+                mixed[row : row + 1], alone(model, name, ids[row : row + 1]), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_mixed_rows_keep_gradients_flowing_to_the_input_in_eval_mode():
+    """Grouped rows are added in place onto the base output; autograd still sees every path."""
+    model = model_with_adapters()
+    names = ["wide", "small", "dora", "wide"]
+    embeds = model.get_input_embeddings()(torch.randint(0, 96, (4, 5))).detach().requires_grad_(True)
+    mixed = model(inputs_embeds=embeds, adapter_names=names).logits
+    mixed[1].sum().backward()
+    grad = embeds.grad.clone()
+    assert grad[1].abs().sum() > 0 and grad[[0, 2, 3]].abs().sum() == 0  # rows do not leak into each other
+    embeds.grad = None
+    alone(model, "small", None, inputs_embeds=embeds[1:2])[0].sum().backward()
+    torch.testing.assert_close(grad[1:2], embeds.grad[1:2], rtol=1e-4, atol=1e-6)

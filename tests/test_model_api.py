@@ -104,6 +104,46 @@ def test_add_set_delete_adapter(ids):
     torch.testing.assert_close(model(ids).logits, out_default)
 
 
+def test_switching_inference_adapters_walks_no_layer_and_touches_no_weight(ids, tmp_path, monkeypatch):
+    """set_adapter among adapters loaded for inference is one assignment read by every layer (constant time)."""
+    model = get_peft_model(tiny_llama(), lora(target_modules=["q_proj", "v_proj", "down_proj"]))
+    model.save_pretrained(tmp_path / "a")
+    torch.manual_seed(1)
+    model.add_adapter("b", lora(target_modules=["k_proj"]))
+    model.save_pretrained(tmp_path / "b", selected_adapters=["b"])
+    served = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    served.load_adapter(tmp_path / "b" / "b", adapter_name="b")
+    expected = {}
+    for name in ("a", "b"):
+        served.set_adapter(name)
+        expected[name] = served(ids).logits
+    weights = {n: (p.data_ptr(), p._version) for n, p in served.named_parameters()}
+    walked = []
+    tuner = type(served.base_model)
+    real_list = tuner._adapter_layer_list
+    monkeypatch.setattr(tuner, "_adapter_layer_list", lambda self: walked.append(1) or real_list(self))
+    for name in ("a", "b", "a", "b"):
+        served.set_adapter(name)
+        assert served.active_adapter == name
+        torch.testing.assert_close(served(ids).logits, expected[name])
+    assert walked == []
+    assert weights == {n: (p.data_ptr(), p._version) for n, p in served.named_parameters()}
+    assert not trainable(served)
+
+
+def test_a_layer_told_directly_what_to_run_follows_the_model_again_after_set_adapter(ids):
+    model = get_peft_model(tiny_llama(), lora())
+    model.add_adapter("other", lora())
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    q.set_active(["other"])  # PEFT lets one layer run another adapter
+    assert q.active_adapters == ["other"] and model.active_adapter == "default"
+    model.set_adapter("other")
+    model.set_adapter("default")
+    assert q.active_adapters == ["default"]
+    model.delete_adapter("default")
+    assert q.active_adapters == ["other"] and model.active_adapter == "other"
+
+
 def test_disable_adapter_context(ids):
     base = tiny_llama()
     ref = copy.deepcopy(base)(ids).logits

@@ -27,7 +27,8 @@ from lorakit.errors import (
 from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_for
 from lorakit.layers.kinds import supported_type_names
-from lorakit.layers.mixed import BASE_ROW
+from lorakit.layers.lora import ActiveAdapters
+from lorakit.layers.mixed import BASE_ROW, RowRouting
 from lorakit.targeting import is_module_to_save, pattern_value, select_targets
 
 
@@ -58,7 +59,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config = peft_config
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.active_adapters: list[str] = [adapter_name]
+        self._active = ActiveAdapters([adapter_name])  # read by every adapter layer (see set_adapter)
         if any(isinstance(m, AdapterLayer) for m in model.modules()):
             warnings.warn(
                 "this model already holds lorakit adapter layers (get_peft_model was called on it before); "
@@ -90,6 +91,14 @@ class LoraModel(nn.Module):
         for name, module in self.adapter_layers():
             if isinstance(module, LoraLayer):
                 yield name, module
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active.names)
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self._active.set(names)
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -165,6 +174,7 @@ class LoraModel(nn.Module):
                 if config.use_dora:
                     layer.lora_magnitude_vector[adapter_name].grad_through_norm = config.dora_grad_through_norm
                 if layer is not module:
+                    layer.follow(self._active)
                     parent, child = _parent(self.model, name)
                     setattr(parent, child, layer)
             self._add_modules_to_save(adapter_name, config)
@@ -229,6 +239,7 @@ class LoraModel(nn.Module):
             else:
                 wrapper = ModulesToSaveWrapper(module)
                 wrapper.add(adapter_name)
+                wrapper.follow(self._active)
                 parent, child = _parent(self.model, name)
                 setattr(parent, child, wrapper)
         task_heads = TASK_HEADS.get(config.task_type, [])
@@ -260,17 +271,27 @@ class LoraModel(nn.Module):
     # -- switching ------------------------------------------------------------------------------------
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make these adapters the active ones; only their parameters require grad (unless inference_mode)."""
+        """Make these adapters the active ones; only their parameters require grad (unless inference_mode).
+
+        Constant time when every adapter is in inference mode (as loaded for serving): the layers all read one
+        shared :class:`~lorakit.layers.lora.ActiveAdapters`, so switching is one assignment, whatever the number
+        of layers or adapters, and no weight is touched. Adapters loaded for training also get their parameters'
+        ``requires_grad`` set (a walk over those adapters' parameters, as in PEFT); inference-mode adapters stay
+        frozen, as injection left them.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._check_adapter(name)
-        for layer in self._adapter_layer_list():
-            layer.set_active(names)
+        trainable = [a for a, c in self.peft_config.items() if not c.inference_mode]
+        layers = self._adapter_layer_list() if trainable or self._active.detached else ()
+        for layer in layers:
+            layer.follow(self._active)  # layers told directly what to run (layer.set_active) follow the model again
             for adapter in layer.adapter_names():
-                trainable = adapter in names and not self.peft_config[adapter].inference_mode
-                for param in layer.adapter_parameters(adapter):
-                    param.requires_grad_(trainable)
-        self.active_adapters = names
+                if adapter in trainable:
+                    for param in layer.adapter_parameters(adapter):
+                        param.requires_grad_(adapter in names)
+        self._active.detached = 0
+        self._active.set(names)
         self._set_bias_trainable()
 
     def _set_bias_trainable(self) -> None:
@@ -342,9 +363,10 @@ class LoraModel(nn.Module):
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
+        routing = RowRouting(names)
         try:
             for layer in layers:
-                layer.row_adapters = names
+                layer.row_adapters = routing
             yield
         finally:
             for layer in layers:

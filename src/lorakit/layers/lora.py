@@ -19,15 +19,84 @@ from lorakit.layers.delta import lora_delta, lora_scaling
 from lorakit.layers.dora import DoraVariant
 from lorakit.layers.kinds import LayerKind, kind_for
 from lorakit.layers.loftq import loftq_initialize
-from lorakit.layers.mixed import mixed_forward
+from lorakit.layers.mixed import RowRouting, mixed_forward
 from lorakit.layers.variant import LoraVariant
 
 #: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
 VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant(), "adalora": AdaLoraVariant()}
 
 
+class ActiveAdapters:
+    """The active adapters of one model: a single object that all of the model's adapter layers read.
+
+    ``set_adapter`` rebinds ``names`` and bumps ``version``; each layer works out its own active list (the names
+    it holds, in order) on its next forward. A switch therefore costs the same on a model of 10 or 10,000 adapter
+    layers and touches no weight. A layer told directly what to run (:meth:`AdapterLayer.set_active`) stops
+    following this object.
+    """
+
+    __slots__ = ("names", "version", "detached")
+
+    def __init__(self, names: list[str] | tuple[str, ...] = ()) -> None:
+        self.names = tuple(names)
+        self.version = 0
+        self.detached = 0  # layers that stopped following since the last set_adapter
+
+    def set(self, names: list[str] | tuple[str, ...]) -> None:
+        self.names = tuple(names)
+        self.version += 1
+
+
 class AdapterLayer(nn.Module):
-    """Marker base for every module that lorakit inserts into a model (found by type, never by name)."""
+    """Marker base for every module that lorakit inserts into a model (found by type, never by name).
+
+    ``active_adapters`` is the layer's own list when it was set on the layer, otherwise the model-wide
+    :class:`ActiveAdapters` it follows, filtered to the adapters it holds (recomputed only when that object or
+    the layer's adapters change: ``adapters_stamp``).
+    """
+
+    adapters_stamp = 0  # bumped whenever an adapter is added, removed or reshaped (caches key on it)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        state = self.__dict__
+        source = state.get("_active_source")
+        if source is None:
+            return state.setdefault("_own_active", [])
+        key = (source.version, self.adapters_stamp)
+        if state.get("_active_key") != key:
+            held = self.adapter_names()
+            state["_active_list"] = self._runnable([a for a in source.names if a in held])
+            state["_active_key"] = key
+        return state["_active_list"]
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        source = self.__dict__.get("_active_source")
+        if source is not None:
+            source.detached += 1
+        self.__dict__["_active_source"] = None
+        self.__dict__["_own_active"] = list(names)
+
+    def follow(self, source: ActiveAdapters) -> None:
+        """Take the active adapters from ``source`` (shared by every layer of a model) from now on."""
+        self.__dict__["_active_source"] = source
+        self.__dict__.pop("_active_key", None)
+
+    def _runnable(self, held_active: list[str]) -> list[str]:
+        """Of the active adapters this layer holds, those it applies (all of them; one for a module copy)."""
+        return held_active
+
+    def set_active(self, adapters: list[str]) -> None:
+        """Apply these adapters (those this layer holds) here, whatever the model-wide choice."""
+        held = self.adapter_names()
+        self.active_adapters = self._runnable([a for a in adapters if a in held])
+
+    def _forget(self, adapter: str) -> None:
+        """After deleting ``adapter``: a list of this layer's own no longer names it."""
+        self.adapters_stamp += 1
+        if self.__dict__.get("_active_source") is None:
+            self.active_adapters = [a for a in self.active_adapters if a != adapter]
 
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
@@ -41,9 +110,6 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
-        raise NotImplementedError
-
-    def set_active(self, adapters: list[str]) -> None:
         raise NotImplementedError
 
     def delete(self, adapter: str) -> None:
@@ -87,11 +153,9 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
-        self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self.row_adapters: list[str] | None = None  # set for one forward of a batch that mixes adapters
-        self.adapters_stamp = 0  # bumped whenever an adapter is added, removed or reshaped (caches key on it)
+        self.row_adapters: RowRouting | None = None  # set for one call on a batch that mixes adapters
 
     # -- adapters -------------------------------------------------------------------------------------
 
@@ -177,9 +241,6 @@ class LoraLayer(AdapterLayer):
         self._check(adapter)
         return [*self.kind.factor_params(self, adapter), *self.variant[adapter].extra_state(self, adapter).values()]
 
-    def set_active(self, adapters: list[str]) -> None:
-        self.active_adapters = [a for a in adapters if a in self.r]
-
     def delete(self, adapter: str) -> None:
         """Remove an adapter. Raises :class:`MergeError` if it is merged (unmerge first)."""
         self._check(adapter)
@@ -187,13 +248,12 @@ class LoraLayer(AdapterLayer):
             raise MergeError(f"adapter {adapter!r} is merged into the base weight; unmerge it before deleting it")
         for container in (*self.kind.containers, "lora_dropout"):
             del getattr(self, container)[adapter]
-        self.adapters_stamp += 1
         for holder in (self.lora_magnitude_vector, self.lora_E, self.ranknum):
             if adapter in holder:
                 del holder[adapter]
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variant):
             del table[adapter]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+        self._forget(adapter)
 
     def original(self) -> nn.Module:
         return self.base_layer

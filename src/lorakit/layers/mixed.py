@@ -1,18 +1,27 @@
 """Batches that mix adapters: each row of a batch through its own adapter, with no loop over adapters.
 
-For the adapters a_1 … a_n that a batch names, the layer concatenates their factors once (cached while the
-weights do not change)::
+For the adapters a_1 … a_n that a batch names (ranks R_j, scales s_j), a layer keeps their factors side by side
+(cached while the weights do not change) and picks, per batch, the cheaper of two exact ways to apply them:
 
-    A' = [A_1; …; A_n]              (ΣR, in)     R_j the rank of a_j (ranks may differ)
-    B' = [s_1 B_1, …, s_n B_n]      (out, ΣR)
+* **grouped** (the usual case: rows spread over several adapters). Rows are gathered by adapter into
+  ``X_g (n, G·T, in)`` (G the most rows any adapter has, T tokens per row, missing rows padded) and run through
+  the stacked factors, ranks zero-padded to R = max R_j::
 
-and computes, for the whole batch, ``h = x A'ᵀ`` and ``y = base(x) + (h ⊙ M) B'ᵀ``, where the 0/1 mask M keeps
-for each row only the block of columns that belongs to its adapter. That is two GEMMs whatever the number of
-adapters (their inner size ΣR stays small next to the base layer's), instead of PEFT's loop of one sub-batch
-per adapter (Punica, arXiv 2310.18547, and S-LoRA, arXiv 2311.03285, batch the same way with custom kernels).
-A row named ``"__base__"``, or naming an adapter this layer does not hold (a target it lacks), gets nothing.
-Variants whose update is not additive say so through :meth:`LoraVariant.output_scale`: DoRA rows are then
-rescaled by their own m / ‖W + s·BA‖ (bias added after), so LoRA, DoRA and AdaLoRA rows mix in one batch.
+      A_stackᵀ (n, in, R),  Bᵀ_stack (n, R, out) = (s_j B_j)ᵀ
+      U = bmm(bmm(X_g, A_stackᵀ), Bᵀ_stack)          (n, G·T, out), scattered back onto the rows
+
+  Two batched GEMMs whatever n, and each row multiplies only its own adapter's factors: the arithmetic of a
+  batch with a single adapter. This is the segment matmul of Punica (arXiv 2310.18547) and S-LoRA
+  (arXiv 2311.03285), written with ``torch.bmm`` instead of custom kernels.
+* **masked** (most rows on one adapter, a few on others, where padding every group to G would waste more):
+  ``A' = [A_1; …; A_n] (ΣR_j, in)``, ``B' = [s_1 B_1, …, s_n B_n] (out, ΣR_j)`` and
+  ``y = base(x) + ((x A'ᵀ) ⊙ M) B'ᵀ`` with a 0/1 mask M keeping each row's own block of columns.
+
+The plan costs are ``n·G·R`` against ``batch·ΣR_j`` multiply-adds per token and input feature. PEFT instead loops
+over adapters, one sub-batch each. A row named ``"__base__"``, or naming an adapter this layer does not hold
+(a target it lacks), gets nothing. Variants whose update is not additive say so through
+:meth:`LoraVariant.output_scale`: DoRA rows are then rescaled by their own m / ‖W + s·BA‖ (bias added after), so
+LoRA, DoRA and AdaLoRA rows mix in one batch.
 """
 
 from __future__ import annotations
@@ -33,10 +42,43 @@ BASE_ROW = "__base__"
 MIXABLE_KINDS = ("linear", "conv1d_hf", "linear4bit", "linear8bit")
 
 
+class _Plan:
+    """How one order of rows goes through a pack: grouped (gather indices) or masked (a 0/1 mask)."""
+
+    def __init__(self, pack: _Pack, names: tuple[str, ...], out_features: int, dtype: torch.dtype, device: Any):
+        batch = len(names)
+        groups: dict[str, list[int]] = {a: [] for a in pack.adapters}
+        for row, name in enumerate(names):
+            if name in groups:
+                groups[name].append(row)
+        width = max(len(rows) for rows in groups.values())
+        self.grouped = len(groups) * width * pack.max_rank < batch * pack.width
+        self.scale = None
+        if pack.scales:  # DoRA rows: their own m / ‖W + s·BA‖; every other row 1
+            self.scale = torch.ones(batch, out_features, dtype=dtype, device=device)
+            for row, name in enumerate(names):
+                if name in pack.scales:
+                    self.scale[row] = pack.scales[name].to(dtype)
+        if self.grouped:
+            slots = [rows[i] if i < len(rows) else -1 for rows in groups.values() for i in range(width)]
+            self.groups, self.width = len(groups), width
+            self.gather = torch.tensor([max(r, 0) for r in slots], dtype=torch.long, device=device)
+            kept = [i for i, r in enumerate(slots) if r >= 0]
+            self.kept = None if len(kept) == len(slots) else torch.tensor(kept, dtype=torch.long, device=device)
+            self.scatter = torch.tensor([r for r in slots if r >= 0], dtype=torch.long, device=device)
+        else:
+            self.mask = torch.zeros(batch, pack.width, dtype=pack.a.dtype, device=device)
+            for row, name in enumerate(names):
+                block = pack.blocks.get(name)
+                if block is not None:
+                    self.mask[row, block[0] : block[1]] = 1
+
+
 class _Pack:
-    """The concatenated factors of some adapters of one layer, and what each row needs from them."""
+    """The factors of some adapters of one layer, side by side, and the plans of the row orders seen."""
 
     def __init__(self, layer: LoraLayer, adapters: tuple[str, ...]) -> None:
+        self.adapters = adapters
         a_parts, b_parts, self.blocks, self.scales = [], [], {}, {}
         start = 0
         for adapter in adapters:
@@ -53,23 +95,29 @@ class _Pack:
         self.a = torch.cat([p.to(dtype) for p in a_parts], dim=0)
         self.b = torch.cat([p.to(dtype) for p in b_parts], dim=1)
         self.width = start
-        self._rows: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.max_rank = max(stop - begin for begin, stop in self.blocks.values())
+        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._plans: dict[tuple[str, ...], _Plan] = {}
 
-    def rows(self, names: tuple[str, ...], out_features: int, dtype: torch.dtype, device: Any) -> tuple[Any, Any]:
-        """``(mask (batch, ΣR), per-row output scale (batch, out) or None)`` for this order of rows (cached)."""
-        got = self._rows.get(names)
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_stackᵀ (n, in, R), Bᵀ_stack (n, R, out))``, ranks zero-padded to R (built on first use)."""
+        if self._stacks is None:
+            n, r = len(self.adapters), self.max_rank
+            a_stack_t = self.a.new_zeros(n, self.a.shape[1], r)
+            bt_stack = self.b.new_zeros(n, r, self.b.shape[0])
+            for j, adapter in enumerate(self.adapters):
+                begin, stop = self.blocks[adapter]
+                a_stack_t[j, :, : stop - begin] = self.a[begin:stop].t()
+                bt_stack[j, : stop - begin] = self.b[:, begin:stop].t()
+            self._stacks = (a_stack_t, bt_stack)
+        return self._stacks
+
+    def plan(self, names: tuple[str, ...], out_features: int, dtype: torch.dtype, device: Any) -> _Plan:
+        got = self._plans.get(names)
         if got is None:
-            mask = torch.zeros(len(names), self.width, dtype=self.a.dtype, device=device)
-            scale = torch.ones(len(names), out_features, dtype=dtype, device=device) if self.scales else None
-            for row, name in enumerate(names):
-                block = self.blocks.get(name)
-                if block is not None:
-                    mask[row, block[0] : block[1]] = 1
-                if scale is not None and name in self.scales:
-                    scale[row] = self.scales[name].to(dtype)
-            if len(self._rows) > 16:
-                self._rows.clear()
-            got = self._rows[names] = (mask, scale)
+            if len(self._plans) > 16:
+                self._plans.clear()
+            got = self._plans[names] = _Plan(self, names, out_features, dtype, device)
         return got
 
 
@@ -91,44 +139,97 @@ def _fresh(watched: list[tuple[torch.Tensor, int, int]]) -> bool:
     return all(t._version == version and t.data_ptr() == ptr for t, version, ptr in watched)
 
 
-def row_names_for(names: list[str], batch: int) -> list[str]:
-    """``names`` stretched to ``batch`` rows when generation repeats each row (beam search, several samples)."""
-    if batch == len(names):
-        return names
-    if batch % len(names) == 0:
-        k = batch // len(names)
-        return [n for n in names for _ in range(k)]
-    raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch} rows")
+class RowRouting:
+    """Which adapter each row of the batches in one call (a forward, or a whole ``generate``) goes through.
+
+    One object per call, shared by every layer. A layer remembers the pack and plan it used for it, so from the
+    second forward of a generation on (every new token) it goes straight to its GEMMs: the factors are checked
+    for changes once per call, not once per token (they cannot change while a forward runs).
+    """
+
+    __slots__ = ("names", "adapters", "_rows")
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = tuple(names)
+        self.adapters = tuple(dict.fromkeys(names))  # each name once, in order of first use
+        self._rows: dict[int, tuple[str, ...]] = {}
+
+    def rows(self, batch: int) -> tuple[str, ...]:
+        """The names stretched to ``batch`` rows when generation repeats each row (beam search, several samples)."""
+        got = self._rows.get(batch)
+        if got is None:
+            if batch == len(self.names):
+                got = self.names
+            elif batch % len(self.names) == 0:
+                got = tuple(n for n in self.names for _ in range(batch // len(self.names)))
+            else:
+                raise ValueError(f"adapter_names has {len(self.names)} entries for a batch of {batch} rows")
+            self._rows[batch] = got
+        return got
 
 
-def mixed_forward(layer: LoraLayer, x: torch.Tensor, names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``layer``'s output for a batch whose row i goes through adapter ``names[i]`` (no dropout: eval only)."""
+def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: RowRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``layer``'s output for a batch whose row i goes through adapter ``routing.rows(batch)[i]`` (eval only: no
+    dropout)."""
+    result = layer.base_layer(x, *args, **kwargs)
+    seen = layer.__dict__.get("_mixed_seen")
+    if seen is not None and seen[0] is routing and seen[1] == x.shape[0] and seen[2] == result.dtype:
+        pack, plan = seen[3], seen[4]
+    else:
+        pack, plan = _prepare(layer, routing, x, result)
+        layer.__dict__["_mixed_seen"] = (routing, x.shape[0], result.dtype, pack, plan)
+    if pack is None:
+        return result
+    if plan.grouped:
+        update = _grouped_update(pack, plan, x)
+        if update.dtype != result.dtype:
+            update = update.to(result.dtype)
+        if plan.scale is None:
+            return result.index_add_(0, plan.scatter, update)
+        update = torch.zeros_like(result).index_add_(0, plan.scatter, update)
+    else:
+        batch = x.shape[0]
+        h = F.linear(x.to(pack.a.dtype), pack.a) * plan.mask.view((batch,) + (1,) * (x.dim() - 2) + (pack.width,))
+        if plan.scale is None and result.dtype == h.dtype:  # one GEMM that also adds: result + h B'ᵀ
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, pack.width), pack.b.t())
+            return flat.view(result.shape)
+        update = F.linear(h, pack.b).to(result.dtype)
+        if plan.scale is None:
+            return result + update
+    bias = layer.kind.bias(layer.base_layer)
+    z = result - bias if bias is not None else result
+    out = (z + update) * plan.scale.view((x.shape[0],) + (1,) * (result.dim() - 2) + (result.shape[-1],))
+    return out + bias if bias is not None else out
+
+
+def _prepare(
+    layer: LoraLayer, routing: RowRouting, x: torch.Tensor, result: torch.Tensor
+) -> tuple[_Pack | None, _Plan | None]:
+    """The layer's pack for the adapters this call names (rebuilt if its factors changed) and the rows' plan."""
     if layer.kind.name not in MIXABLE_KINDS:
         raise UnsupportedModuleError(
             f"batches that mix adapters run through linear layers; {type(layer.base_layer).__name__} is adapted "
             "here: give the batch a single adapter (set_adapter) instead"
         )
-    names = row_names_for(names, x.shape[0])
-    result = layer.base_layer(x, *args, **kwargs)
-    adapters = tuple(a for a in dict.fromkeys(names) if a in layer.r)
+    names = routing.rows(x.shape[0])
+    adapters = tuple(a for a in routing.adapters if a in layer.r)
     if not adapters:
-        return result
+        return None, None
     stamp = _stamp(layer, adapters)
     cached = layer.__dict__.get("_mixed_pack")  # one batch composition at a time
     if cached is None or cached[0] != stamp or not _fresh(cached[1]):
         cached = layer.__dict__["_mixed_pack"] = (stamp, _watched(layer, adapters), _Pack(layer, adapters))
     pack = cached[2]
+    return pack, pack.plan(names, result.shape[-1], result.dtype, x.device)
 
-    batch = x.shape[0]
-    mask, scale = pack.rows(tuple(names), result.shape[-1], result.dtype, x.device)
-    h = F.linear(x.to(pack.a.dtype), pack.a) * mask.view((batch,) + (1,) * (x.dim() - 2) + (pack.width,))
-    if scale is None and result.dtype == h.dtype:  # one GEMM that also adds: result + h B'ᵀ
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, pack.width), pack.b.t())
-        return flat.view(result.shape)
-    update = F.linear(h, pack.b).to(result.dtype)
-    if scale is None:
-        return result + update
-    bias = layer.kind.bias(layer.base_layer)
-    z = result - bias if bias is not None else result
-    out = (z + update) * scale.view((batch,) + (1,) * (result.dim() - 2) + (result.shape[-1],))
-    return out + bias if bias is not None else out
+
+def _grouped_update(pack: _Pack, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+    """Each used row's update ``s_j B_j A_j x``, in ``plan.scatter``'s order of rows: (used rows, …, out)."""
+    a_stack_t, bt_stack = pack.stacks()
+    rows = x.index_select(0, plan.gather)  # (n·G, …, in), grouped by adapter
+    if rows.dtype != a_stack_t.dtype:
+        rows = rows.to(a_stack_t.dtype)
+    inner = rows.shape[1:-1]
+    h = torch.bmm(rows.view(plan.groups, -1, rows.shape[-1]), a_stack_t)  # (n, G·T, R)
+    u = torch.bmm(h, bt_stack).view(plan.groups * plan.width, *inner, bt_stack.shape[-1])  # (n·G, …, out)
+    return u if plan.kept is None else u.index_select(0, plan.kept)

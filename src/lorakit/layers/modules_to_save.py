@@ -23,13 +23,13 @@ class ModulesToSaveWrapper(AdapterLayer):
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
-        self.active_adapters: list[str] = []
         self.disable_adapters = False
 
     def add(self, adapter: str) -> None:
         if adapter in self.modules_to_save:
             raise AdapterExistsError(f"adapter {adapter!r} already has a trainable copy of this module")
         self.modules_to_save[adapter] = copy.deepcopy(self.original_module)
+        self.adapters_stamp += 1
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
@@ -45,12 +45,12 @@ class ModulesToSaveWrapper(AdapterLayer):
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
         return list(self.modules_to_save[adapter].parameters())
 
-    def set_active(self, adapters: list[str]) -> None:
-        self.active_adapters = [a for a in adapters if a in self.modules_to_save][:1]
+    def _runnable(self, held_active: list[str]) -> list[str]:
+        return held_active[:1]  # one copy of the module runs
 
     def delete(self, adapter: str) -> None:
         del self.modules_to_save[adapter]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+        self._forget(adapter)
 
     def original(self) -> nn.Module:
         return self.original_module
