@@ -55,6 +55,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -286,7 +287,6 @@ def _profiler_peak_bytes(fn: Callable[[], Any]) -> int:
 
 def measure_memory_child(variant: str, threads: int, methods: str) -> dict[str, Any]:
     """Runs in a fresh process: build ``variant``, then measure its first training step."""
-    import resource
 
     torch.set_num_threads(threads)
     loaded, _ = load_smollm2()
@@ -366,6 +366,12 @@ def main() -> None:
     ap.add_argument(
         "--qlora", action="store_true", help="every variant on a 4-bit NF4 + double-quant base (lorakit.quantize)"
     )
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="call lorakit.training.allocator.keep_freed_memory() first (as lorakit train does on CPU): every "
+        "variant of the timing process then reuses freed blocks instead of faulting pages in each step",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--report", type=Path, default=None, help="print the report of a saved --json file and exit")
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -392,6 +398,10 @@ def main() -> None:
     import lorakit
 
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from lorakit.training.allocator import keep_freed_memory
+
+        print(f"keep_freed_memory(): {keep_freed_memory()}")
     max_rejects = args.repeats if args.max_rejects is None else args.max_rejects
     t_start = time.perf_counter()
     load_before = os.getloadavg()
@@ -418,8 +428,13 @@ def main() -> None:
     print(f"training step: warmup {args.warmup}, repeats {args.repeats} x {args.steps} step(s), interleaved")
     steps = {name: make_step(m, x) for name, m in models.items()}
     step_samples, step_noise = interleaved(steps, args.warmup, args.repeats, args.steps, args.max_foreign, max_rejects)
-    losses = {name: fn() for name, fn in steps.items()}  # one more step each: the loss, for a sanity print
+    losses, faults = {}, {}
+    for name, fn in steps.items():  # one more step each: the loss, for a sanity print, and its page faults
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        losses[name] = fn()
+        faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     print(f"    losses after training: {losses}")
+    print(f"    minor page faults in that step: {faults}")
     del steps
     floor = models.pop("floor")
     del floor
@@ -526,6 +541,7 @@ def main() -> None:
         "memory": memory,
         "output_checks": checks,
         "losses": losses,
+        "minor_page_faults_per_step": faults,
         "wall_s": time.perf_counter() - t_start,
     }
     add_ratios(result)

@@ -44,6 +44,7 @@ from lorakit.targeting import select_targets
 from lorakit.tasks import get_peft_model
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
+from lorakit.training.allocator import keep_freed_memory
 from lorakit.training.config import TrainConfig
 from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
 from lorakit.training.evaluate import exact_match
@@ -152,6 +153,14 @@ class Trainer:
         if error is not None:
             raise error
         seed_everything(cfg.seed)
+        if cfg.keep_freed_memory and world.device.type == "cpu":
+            kept = keep_freed_memory()
+            self.log(
+                "CPU memory: freed blocks kept for the next step (no page faults per step; --no-keep-freed-memory "
+                "turns this off)"
+                if kept
+                else "CPU memory: this C library cannot keep freed blocks (glibc only); steps fault their pages in"
+            )
         t0 = time.perf_counter()
         model, tokenizer = load_model(cfg.model)
         self.tokenizer = tokenizer
