@@ -287,7 +287,6 @@ def _profiler_peak_bytes(fn: Callable[[], Any]) -> int:
 
 def measure_memory_child(variant: str, threads: int, methods: str) -> dict[str, Any]:
     """Runs in a fresh process: build ``variant``, then measure its first training step."""
-
     torch.set_num_threads(threads)
     loaded, _ = load_smollm2()
     x = make_batch(loaded.config.vocab_size)
