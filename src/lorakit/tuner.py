@@ -282,7 +282,7 @@ class LoraModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._check_adapter(name)
-        trainable = [a for a, c in self.peft_config.items() if not c.inference_mode]
+        trainable = {a for a, c in self.peft_config.items() if not c.inference_mode}
         layers = self._adapter_layer_list() if trainable or self._active.detached else ()
         for layer in layers:
             layer.follow(self._active)  # layers told directly what to run (layer.set_active) follow the model again

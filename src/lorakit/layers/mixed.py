@@ -67,7 +67,7 @@ class _Plan:
             self.kept = None if len(kept) == len(slots) else torch.tensor(kept, dtype=torch.long, device=device)
             self.scatter = torch.tensor([r for r in slots if r >= 0], dtype=torch.long, device=device)
         else:
-            self.mask = torch.zeros(batch, pack.width, dtype=pack.a.dtype, device=device)
+            self.mask = torch.zeros(batch, pack.width, dtype=pack.dtype, device=device)
             for row, name in enumerate(names):
                 block = pack.blocks.get(name)
                 if block is not None:
@@ -75,42 +75,54 @@ class _Plan:
 
 
 class _Pack:
-    """The factors of some adapters of one layer, side by side, and the plans of the row orders seen."""
+    """The factors of some adapters of one layer, and the plans of the row orders seen.
+
+    Holds the factors as the layer has them (detached; no copy for plain LoRA) and builds, on first use, only the
+    layout its plans need: the rank-padded stacks (grouped) or the concatenation (masked).
+    """
 
     def __init__(self, layer: LoraLayer, adapters: tuple[str, ...]) -> None:
         self.adapters = adapters
-        a_parts, b_parts, self.blocks, self.scales = [], [], {}, {}
+        self.factors, self.blocks, self.scales = {}, {}, {}
         start = 0
         for adapter in adapters:
             variant = layer.variant[adapter]
             a, b = variant.factors(layer, adapter)  # (r, in), (out, r)
-            a_parts.append(a.detach())
-            b_parts.append(b.detach() * layer.scaling[adapter])
+            self.factors[adapter] = (a.detach(), b.detach(), layer.scaling[adapter])
             self.blocks[adapter] = (start, start + a.shape[0])
             start += a.shape[0]
             scale = variant.output_scale(layer, adapter)
             if scale is not None:
                 self.scales[adapter] = scale.detach().reshape(-1)
-        dtype = a_parts[0].dtype
-        self.a = torch.cat([p.to(dtype) for p in a_parts], dim=0)
-        self.b = torch.cat([p.to(dtype) for p in b_parts], dim=1)
+        first_a, first_b, _ = self.factors[adapters[0]]
+        self.dtype, self.device = first_a.dtype, first_a.device
+        self.in_features, self.out_features = first_a.shape[1], first_b.shape[0]
         self.width = start
         self.max_rank = max(stop - begin for begin, stop in self.blocks.values())
         self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._concatenated: tuple[torch.Tensor, torch.Tensor] | None = None
         self._plans: dict[tuple[str, ...], _Plan] = {}
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_stackᵀ (n, in, R), Bᵀ_stack (n, R, out))``, ranks zero-padded to R (built on first use)."""
         if self._stacks is None:
             n, r = len(self.adapters), self.max_rank
-            a_stack_t = self.a.new_zeros(n, self.a.shape[1], r)
-            bt_stack = self.b.new_zeros(n, r, self.b.shape[0])
-            for j, adapter in enumerate(self.adapters):
-                begin, stop = self.blocks[adapter]
-                a_stack_t[j, :, : stop - begin] = self.a[begin:stop].t()
-                bt_stack[j, : stop - begin] = self.b[:, begin:stop].t()
+            a_stack_t = torch.zeros(n, self.in_features, r, dtype=self.dtype, device=self.device)
+            bt_stack = a_stack_t.new_zeros(n, r, self.out_features)
+            for j, (a, b, s) in enumerate(self.factors.values()):
+                a_stack_t[j, :, : a.shape[0]] = a.t()
+                bt_stack[j, : a.shape[0]] = b.t() * s
             self._stacks = (a_stack_t, bt_stack)
         return self._stacks
+
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A' (ΣR, in), B' (out, ΣR))`` with each adapter's scale folded into its block of B' (first use)."""
+        if self._concatenated is None:
+            parts = list(self.factors.values())
+            a_cat = torch.cat([a.to(self.dtype) for a, _, _ in parts], dim=0)
+            b_cat = torch.cat([(b * s).to(self.dtype) for _, b, s in parts], dim=1)
+            self._concatenated = (a_cat, b_cat)
+        return self._concatenated
 
     def plan(self, names: tuple[str, ...], out_features: int, dtype: torch.dtype, device: Any) -> _Plan:
         got = self._plans.get(names)
@@ -189,11 +201,12 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: RowRouting, *args:
         update = torch.zeros_like(result).index_add_(0, plan.scatter, update)
     else:
         batch = x.shape[0]
-        h = F.linear(x.to(pack.a.dtype), pack.a) * plan.mask.view((batch,) + (1,) * (x.dim() - 2) + (pack.width,))
+        a_cat, b_cat = pack.concatenated()
+        h = F.linear(x.to(pack.dtype), a_cat) * plan.mask.view((batch,) + (1,) * (x.dim() - 2) + (pack.width,))
         if plan.scale is None and result.dtype == h.dtype:  # one GEMM that also adds: result + h B'ᵀ
-            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, pack.width), pack.b.t())
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, pack.width), b_cat.t())
             return flat.view(result.shape)
-        update = F.linear(h, pack.b).to(result.dtype)
+        update = F.linear(h, b_cat).to(result.dtype)
         if plan.scale is None:
             return result + update
     bias = layer.kind.bias(layer.base_layer)
