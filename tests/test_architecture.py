@@ -13,6 +13,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "lorakit"
 # CLI -> training -> hub/estimate -> model API -> persistence/injection -> layers -> config/errors.
 RANK = {
     "lorakit.errors": 0,
+    "lorakit.cpu_blas": 0,
     "lorakit.io": 1,
     "lorakit.config": 2,
     "lorakit.layers": 3,

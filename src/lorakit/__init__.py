@@ -5,6 +5,7 @@ Replace ``peft`` with ``lorakit`` in your imports::
     from lorakit import LoraConfig, TaskType, get_peft_model, PeftModel
 """
 
+from lorakit import cpu_blas
 from lorakit.adalora import AdaLoraModel
 from lorakit.config import AdaLoraConfig, LoraConfig, PeftType, TaskType
 from lorakit.errors import (
@@ -34,6 +35,9 @@ from lorakit.tasks import (
 from lorakit.tuner import LoraModel
 
 __version__ = "0.1.0"
+
+# Before any matrix product runs in the process, or it cannot take effect (see lorakit/cpu_blas.py).
+cpu_blas.apply()
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL",

@@ -59,8 +59,11 @@ def adapter(folder) -> dict[str, torch.Tensor]:
 
 def test_train_writes_adapter_metrics_plot_and_checkpoints(tmp_path, model_dir, data_files, tiny_model):
     out = tmp_path / "run"
-    result = train(config(model_dir, data_files, out), log=lambda s: None, progress=False)
+    lines: list[str] = []
+    result = train(config(model_dir, data_files, out), log=lines.append, progress=False)
     assert not result.interrupted and result.steps == 6
+    blas = [line for line in lines if line.startswith("CPU BLAS: ")]  # what MKL runs is said, not guessed
+    assert len(blas) == 1 and "MKL branch in force: " in blas[0], lines
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "loss.png"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

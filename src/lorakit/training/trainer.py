@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import lorakit.cpu_blas as cpu_blas
 from lorakit.config import AdaLoraConfig, LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
 from lorakit.hub import load_model
@@ -161,6 +162,8 @@ class Trainer:
                 if kept
                 else "CPU memory: this C library cannot keep freed blocks (glibc only); steps fault their pages in"
             )
+        if world.device.type == "cpu":
+            self.log(f"CPU BLAS: {cpu_blas.decision}; MKL branch in force: {cpu_blas.mkl_branch() or 'unknown'}")
         t0 = time.perf_counter()
         model, tokenizer = load_model(cfg.model)
         self.tokenizer = tokenizer
@@ -521,12 +524,28 @@ class Trainer:
 def build_optimizer(
     name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """torch's AdamW, or bitsandbytes' 8-bit (block-wise quantized state) / paged AdamW (QLoRA paper §3)."""
+    """torch's AdamW, or bitsandbytes' 8-bit (block-wise quantized state) / paged AdamW (QLoRA paper §3).
+
+    torch's AdamW runs its fused kernel where every parameter allows it (``fused=True``: one kernel over all
+    tensors). Its default on CPU loops over the tensors in Python: for LoRA r=8 on SmolLM2-135M's 7
+    projections (420 tensors, 2.4 M values) 25 ms per step against 5 ms fused
+    (``benchmarks/bench_optimizer.py``); the arithmetic is the same.
+    """
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_adamw_ok(params))
     optim = import_bitsandbytes().optim
     cls = {"adamw8bit": optim.AdamW8bit, "paged_adamw": optim.PagedAdamW, "paged_adamw8bit": optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW accepts every parameter (floating point, on a device it has kernels for)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the query: keep the default implementation
+        return False
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def _target_weights(model: Any, lora: LoraConfig) -> dict[str, torch.Tensor]:
