@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,10 +31,9 @@ from models import load_smollm2
 from lorakit.training.allocator import keep_freed_memory
 
 
-def child(mode: str, steps_n: int) -> dict:
-    if mode == "kept" and not keep_freed_memory():
-        raise SystemExit("keep_freed_memory() did not take effect (not glibc?)")
-    torch.set_num_threads(2)
+def timed_steps(steps_n: int) -> dict[str, dict[str, list]]:
+    """Floor, lorakit and PEFT on SmolLM2 (as ``bench_lora.py``): two settling steps each, then ``steps_n``
+    interleaved timed steps; ``{"times": {variant: [s]}, "faults": {variant: [minor faults]}}``."""
     base, _ = load_smollm2()
     x = make_batch(base.config.vocab_size)
     steps = {name: make_step(BUILDERS[name](base), x) for name in ("floor", "lorakit", "peft")}
@@ -52,6 +52,50 @@ def child(mode: str, steps_n: int) -> dict:
     return {"times": times, "faults": faults}
 
 
+def child(mode: str, steps_n: int) -> dict:
+    if mode == "kept" and not keep_freed_memory():
+        raise SystemExit("keep_freed_memory() did not take effect (not glibc?)")
+    torch.set_num_threads(2)
+    return timed_steps(steps_n)
+
+
+def run_pairs(
+    script: str,
+    modes: tuple[str, ...],
+    repeats: int,
+    steps: int,
+    env: dict[str, dict[str, str | None]] | None = None,
+    extra_args: list[str] | None = None,
+    extras: dict[str, list[dict]] | None = None,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[int]]]]:
+    """Run ``script --_child MODE --steps N`` in a fresh process per mode, modes in turn, ``repeats`` times;
+    returns per mode and variant all step times and page-fault counts. ``env``: variables per mode (None removes one);
+    ``extra_args``: more arguments for every child; ``extras``: per mode, each child's whole JSON is appended."""
+    times: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    faults: dict[str, dict[str, list[int]]] = {m: {} for m in modes}
+    for r in range(repeats):
+        for mode in modes:
+            cmd = [sys.executable, script, "--_child", mode, "--steps", str(steps), *(extra_args or [])]
+            child_env = {**os.environ, **(env or {}).get(mode, {})}
+            child_env = {k: v for k, v in child_env.items() if v is not None}  # None: remove the variable
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=child_env).stdout
+            got = json.loads(next(line for line in out.splitlines() if line.startswith("CHILD_JSON "))[11:])
+            if extras is not None:
+                extras[mode].append(got)
+            for name, v in got["times"].items():
+                times[mode].setdefault(name, []).extend(v)
+                faults[mode].setdefault(name, []).extend(got["faults"][name])
+            line = "  ".join(f"{n} {statistics.median(v):.2f}s" for n, v in got["times"].items())
+            print(f"repeat {r + 1}/{repeats} {mode}: {line}", flush=True)
+    return times, faults
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` to ``path`` with the command line that produced it first."""
+    path.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **result}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="pairs of processes (plain, kept)")
@@ -63,18 +107,7 @@ def main() -> int:
         print("CHILD_JSON " + json.dumps(child(args.child, args.steps)))
         return 0
     modes = ("plain", "kept")
-    times = {m: {} for m in modes}
-    faults = {m: {} for m in modes}
-    for r in range(args.repeats):
-        for mode in modes:
-            cmd = [sys.executable, __file__, "--_child", mode, "--steps", str(args.steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            got = json.loads(next(line for line in out.splitlines() if line.startswith("CHILD_JSON "))[11:])
-            for name, v in got["times"].items():
-                times[mode].setdefault(name, []).extend(v)
-                faults[mode].setdefault(name, []).extend(got["faults"][name])
-            line = "  ".join(f"{n} {statistics.median(v):.2f}s" for n, v in got["times"].items())
-            print(f"repeat {r + 1}/{args.repeats} {mode}: {line}", flush=True)
+    times, faults = run_pairs(__file__, modes, args.repeats, args.steps)
     med = {m: {n: statistics.median(v) for n, v in d.items()} for m, d in times.items()}
     ratios = {f"{n} kept/plain": med["kept"][n] / med["plain"][n] for n in med["plain"]}
     ratios |= {f"lorakit/floor {m}": med[m]["lorakit"] / med[m]["floor"] for m in modes}
@@ -84,15 +117,7 @@ def main() -> int:
     for k, v in ratios.items():
         print(f"{k:<28}{v:7.3f}")
     if args.json:
-        out = {
-            "command": " ".join(["python", *sys.argv]),
-            "step_s": times,
-            "median_step_s": med,
-            "minor_page_faults": faults,
-            "ratios": ratios,
-        }
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, {"step_s": times, "median_step_s": med, "minor_page_faults": faults, "ratios": ratios})
     return 0
 
 

@@ -76,6 +76,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
 QLORA: dict[str, Any] = {}  # --qlora: lorakit.quantize() arguments applied to every variant's base copy
 BATCH, SEQ, SEED, LR = 8, 64, 0, 1e-4
+#: Extra AdamW arguments for every trainable variant (--fused-adamw: {"fused": True}, what lorakit train uses).
+ADAMW: dict[str, Any] = {}
 
 
 # -- variants ---------------------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ BUILDERS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
 def make_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], float]:
     """One training step; returns the loss. No optimizer when nothing is trainable (the floor)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR) if params else None
+    opt = torch.optim.AdamW(params, lr=LR, **ADAMW) if params else None
 
     def step() -> float:
         loss = model(input_ids=x, labels=x, use_cache=False).loss
@@ -324,6 +326,7 @@ def measure_memory(variants: list[str], threads: int, methods: str) -> dict[str,
         cmd = [sys.executable, __file__, "--_memory-child", variant, "--threads", str(threads), "--memory", methods]
         cmd += ["--dora"] if LORA.get("use_dora") else []
         cmd += ["--qlora"] if QLORA else []
+        cmd += ["--fused-adamw"] if ADAMW.get("fused") else []
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -371,6 +374,12 @@ def main() -> None:
         help="call lorakit.training.allocator.keep_freed_memory() first (as lorakit train does on CPU): every "
         "variant of the timing process then reuses freed blocks instead of faulting pages in each step",
     )
+    ap.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="AdamW(fused=True) for lorakit and PEFT alike (what lorakit train uses); default: torch's default, "
+        "a Python loop over the parameters on CPU",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--report", type=Path, default=None, help="print the report of a saved --json file and exit")
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -378,6 +387,8 @@ def main() -> None:
 
     if args.dora:
         LORA["use_dora"] = True
+    if args.fused_adamw:
+        ADAMW["fused"] = True
     if args.qlora:
         QLORA.update(bits=4, quant_type="nf4", double_quant=True)
     elif not args.memory_child:
@@ -505,6 +516,7 @@ def main() -> None:
             "seq_len": SEQ,
             "seed": SEED,
             "lr": LR,
+            "adamw": ADAMW or "torch default",
             "dtype": "float32",
             "threads": args.threads,
             "steps": args.steps,
@@ -523,6 +535,8 @@ def main() -> None:
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl_branch": lorakit.cpu_blas.mkl_branch(),
+            "keep_freed_memory": bool(args.keep_freed_memory),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
         },
