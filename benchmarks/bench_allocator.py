@@ -90,6 +90,16 @@ def run_pairs(
     return times, faults
 
 
+def time_us(fn, calls: int, warmup: int = 0) -> float:
+    """Mean microseconds per call of ``fn`` over ``calls`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def write_json(path: Path, result: dict) -> None:
     """Write ``result`` to ``path`` with the command line that produced it first."""
     path.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **result}, indent=2) + "\n")

@@ -23,11 +23,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_allocator import run_pairs, timed_steps, write_json
+from bench_allocator import run_pairs, time_us, timed_steps, write_json
 
 from lorakit import cpu_blas
 from lorakit.training.allocator import keep_freed_memory
@@ -49,13 +48,6 @@ ENV: dict[str, dict[str, str | None]] = {
     "as_comes": {cpu_blas.OPT_OUT: "0", "MKL_CBWR": None},
     "auto": {"MKL_CBWR": None},
 }
-
-
-def _time_us(fn, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner * 1e6
 
 
 def micro(rounds: int) -> dict[str, float]:
@@ -83,7 +75,7 @@ def micro(rounds: int) -> dict[str, float]:
     samples: dict[str, list[float]] = {k: [] for k in groups}
     for i in range(rounds + 1):
         for name, fns in groups.items():
-            total = sum(_time_us(fn, inner[name]) for fn in fns)
+            total = sum(time_us(fn, inner[name]) for fn in fns)
             if i:  # the first round warms up
                 samples[name].append(total)
     return {k: statistics.median(v) for k, v in samples.items()}

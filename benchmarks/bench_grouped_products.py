@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_allocator import write_json
+from bench_allocator import time_us, write_json
 
 import lorakit  # noqa: F401  (MKL's branch, as in every lorakit process)
 
@@ -27,13 +26,8 @@ TOKENS, RANK, HIDDEN, LAYERS = 512, 8, 576, 30
 GROUPS = {"qkv": 3, "gate_up": 2}
 
 
-def _us(fn, n: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e6
+def _us(fn) -> float:
+    return time_us(fn, 50, warmup=5)
 
 
 def measure(k: int) -> dict[str, float]:
