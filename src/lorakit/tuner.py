@@ -28,7 +28,7 @@ from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_for
 from lorakit.layers.kinds import supported_type_names
 from lorakit.layers.lora import ActiveAdapters
-from lorakit.layers.mixed import BASE_ROW, RowRouting
+from lorakit.layers.mixed import BASE_ROW, RowRouting, routed
 from lorakit.targeting import is_module_to_save, pattern_value, select_targets
 
 
@@ -223,12 +223,36 @@ class LoraModel(nn.Module):
         return dtype
 
     def _add_modules_to_save(self, adapter_name: str, config: LoraConfig) -> None:
+        """Give ``adapter_name`` its own trainable copy of every module ``config.modules_to_save`` names.
+
+        Raises:
+            ConfigError: an entry names a container (``ModuleDict``, ``ModuleList``, ``ParameterDict``,
+                ``ParameterList``: no forward of its own to run a copy of, as PEFT refuses too), or matches no
+                module. Raised before any module is wrapped.
+        """
         if not config.modules_to_save:
             return
+        targets = [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if name and is_module_to_save(name, config.modules_to_save)
+        ]
+        for name, module in targets:  # containers run nothing themselves: a copy could not stand in (PEFT agrees)
+            if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+                entry = next(m for m in config.modules_to_save if name.endswith(m))
+                child = next((n for n, _ in module.named_children()), "0")
+                inside = (
+                    f"the modules inside it (e.g. {name.rsplit('.', 1)[-1]}.{child})"
+                    if isinstance(module, (nn.ModuleDict, nn.ModuleList))
+                    else "the module that uses its parameters"
+                )
+                raise ConfigError(
+                    f"modules_to_save entry {entry!r} names {name!r}, a torch.nn.{type(module).__name__}: a container "
+                    f"with no forward of its own, whose copy could not run in its place. Name modules that run "
+                    f"instead: {inside}, or a head such as 'lm_head' or 'classifier'"
+                )
         matched: set[str] = set()
-        for name, module in list(self.model.named_modules()):
-            if not name or not is_module_to_save(name, config.modules_to_save):
-                continue
+        for name, module in targets:
             matched.update(m for m in config.modules_to_save if name.endswith(m))
             if isinstance(module, ModulesToSaveWrapper):
                 module.add(adapter_name)
@@ -278,10 +302,25 @@ class LoraModel(nn.Module):
         of layers or adapters, and no weight is touched. Adapters loaded for training also get their parameters'
         ``requires_grad`` set (a walk over those adapters' parameters, as in PEFT); inference-mode adapters stay
         frozen, as injection left them.
+
+        The active set is model-wide state, not per call: switch from one thread at a time, and not while another
+        thread runs the model, which would pick up the switch mid-forward. To run several adapters at once from
+        several threads, pass ``adapter_names=`` per call (:meth:`rows_routed`), which is thread-safe and does not
+        read the active set.
+
+        Raises:
+            AdapterNotFoundError: a name this model does not hold.
+            ConfigError: two of the adapters keep their own copy of the same module (``modules_to_save``): only
+                one copy can run, so at most one of them may be active (PEFT refuses this too).
+            The model is left unchanged by either.
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._check_adapter(name)
+        if sum(1 for n in dict.fromkeys(names) if self.peft_config[n].modules_to_save) > 1:  # rare: then look closer
+            for module_name, layer in self.adapter_layers():
+                if isinstance(layer, ModulesToSaveWrapper):
+                    layer.check_active(names, module_name)
         trainable = {a for a, c in self.peft_config.items() if not c.inference_mode}
         layers = self._adapter_layer_list() if trainable or self._active.detached else ()
         for layer in layers:
@@ -330,6 +369,10 @@ class LoraModel(nn.Module):
     def rows_routed(self, adapter_names: list[str], batch: int | None = None) -> Iterator[None]:
         """Inside the block, row i of every batch goes through adapter ``adapter_names[i]`` (``"__base__"``: none).
 
+        The routing holds for this model's layers, in the calling thread (context) only: other threads, and other
+        models called inside the block, run as they would without it. Calls from several threads at once each get
+        their own rows.
+
         Raises:
             ConfigError: not in eval mode, names that are not a list of strings, a length other than ``batch``.
             AdapterNotFoundError: a name this model does not hold (which one, and the names it does).
@@ -363,14 +406,8 @@ class LoraModel(nn.Module):
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
-        routing = RowRouting(names)
-        try:
-            for layer in layers:
-                layer.row_adapters = routing
+        with routed(layers, RowRouting(names)):
             yield
-        finally:
-            for layer in layers:
-                layer.row_adapters = None
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
@@ -400,22 +437,39 @@ class LoraModel(nn.Module):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active ones) into the base weights. See :meth:`LoraLayer.merge`.
 
-        With ``safe_merge`` every layer is checked before any is written, so a NaN leaves the model untouched.
+        With ``safe_merge`` it is all or nothing: every layer's merged weight is computed in the weight's own
+        dtype (W + ΔW, or DoRA's rescaled rows) and checked for NaN/Inf before any layer is written, one layer at
+        a time (no second copy of the model is kept); then each is computed again and written.
+
+        Raises:
+            MergeError: ``safe_merge`` found NaN/Inf (the layer and adapter are named), or a base layer is
+                quantized (found before anything is written); the model is unchanged.
         """
         names = self._merge_names(adapter_names, safe_merge)
-        for _, layer in self.lora_layers():
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:  # a quantized base is refused before any layer is written, safe_merge or not
+            layer._refuse_quantized(layer._pending(names))
+        for layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 
-    def _merge_names(self, adapter_names: list[str] | None, safe_merge: bool) -> list[str]:
-        """The adapters to merge, checked to exist and, with ``safe_merge``, to hold no NaN/Inf anywhere."""
+    def _merge_names(
+        self,
+        adapter_names: list[str] | None,
+        safe_merge: bool,
+        dequantize: bool = False,
+        dequantize_dtype: torch.dtype | None = None,
+    ) -> list[str]:
+        """The adapters to merge, checked to exist and, with ``safe_merge``, to merge into every layer without
+        NaN/Inf (computed in each weight's own dtype, or as ``dequantize`` would make it; nothing is written)."""
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_adapter(name)
         if safe_merge:
-            for _, layer in self.lora_layers():
-                for adapter in names:
-                    if adapter in layer.r and not torch.isfinite(layer.delta_weight(adapter)).all():
-                        raise MergeError(f"adapter {adapter!r} holds NaN/Inf; nothing was merged")
+            for module_name, layer in self.lora_layers():
+                try:
+                    layer.check_merge(names, dequantize=dequantize, dtype=dequantize_dtype)
+                except MergeError as error:
+                    raise MergeError(f"{module_name}: {error}") from None
         return names
 
     def unmerge(self) -> None:
@@ -438,10 +492,12 @@ class LoraModel(nn.Module):
         """
         self._structure_changed()
         if merge:
-            names = self._merge_names(adapter_names, safe_merge)  # refuse before dequantizing anything
+            # refuse before dequantizing anything; with safe_merge every merged weight is checked here
+            names = self._merge_names(adapter_names, safe_merge, dequantize=True, dequantize_dtype=dequantize_dtype)
             for _, layer in self.lora_layers():
                 layer.dequantize(dequantize_dtype)
-            self.merge(names, safe_merge=safe_merge)
+            for _, layer in self.lora_layers():
+                layer.merge(names, safe_merge=safe_merge)
         else:
             self.unmerge()
         for name, layer in list(self.adapter_layers()):

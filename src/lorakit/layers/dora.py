@@ -229,15 +229,23 @@ class DoraVariant(LoraVariant):
 
     def merge(self, layer: LoraLayer, adapter: str, weight: torch.Tensor, safe_merge: bool) -> torch.Tensor:
         """``W ← (m / ‖W + ΔW‖) ⊙ (W + ΔW)`` row-wise; returns the factor, which :meth:`unmerge` divides by."""
-        kind = layer.kind
-        factor = layer.lora_magnitude_vector[adapter].weight.reshape(-1) / self.norm(layer, adapter)
-        factor = factor.to(weight.dtype).view(kind.row_shape(layer.base_layer))
-        delta = layer.delta_weight(adapter).to(weight.dtype)
         if safe_merge:
-            _commit_finite(weight, (weight + delta) * factor, adapter)
-        else:
-            weight.add_(delta).mul_(factor)
+            merged, factor = self.merged(layer, adapter, weight)
+            _commit_finite(weight, merged, adapter)
+            return factor
+        factor = self._merge_factor(layer, adapter, weight)
+        weight.add_(layer.delta_weight(adapter).to(weight.dtype)).mul_(factor)
         return factor
+
+    def merged(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m / ‖W + ΔW‖) ⊙ (W + ΔW)`` as a new tensor in ``weight``'s dtype, and the factor (out of place)."""
+        factor = self._merge_factor(layer, adapter, weight)
+        return (weight + layer.delta_weight(adapter).to(weight.dtype)) * factor, factor
+
+    def _merge_factor(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        """``m / ‖W + ΔW‖`` in ``weight``'s dtype, shaped to scale its rows (the norm against the unmerged W)."""
+        factor = layer.lora_magnitude_vector[adapter].weight.reshape(-1) / self.norm(layer, adapter)
+        return factor.to(weight.dtype).view(layer.kind.row_shape(layer.base_layer))
 
     def unmerge(self, layer: LoraLayer, adapter: str, weight: torch.Tensor, record: torch.Tensor) -> None:
         weight.div_(record).sub_(layer.delta_weight(adapter).to(weight.dtype))

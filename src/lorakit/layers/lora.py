@@ -8,6 +8,7 @@ records it — switching ``train()``/``eval()`` never touches weights.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -19,32 +20,42 @@ from lorakit.layers.delta import lora_delta, lora_scaling
 from lorakit.layers.dora import DoraVariant
 from lorakit.layers.kinds import LayerKind, kind_for
 from lorakit.layers.loftq import loftq_initialize
-from lorakit.layers.mixed import RowRouting, mixed_forward
-from lorakit.layers.variant import LoraVariant
+from lorakit.layers.mixed import ROUTES, RowRouting, mixed_forward
+from lorakit.layers.variant import LoraVariant, check_finite
 
 #: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
 VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant(), "adalora": AdaLoraVariant()}
+#: Versions of active sets, unique across threads (``next`` on a count is atomic): two switches at once never
+#: produce the same version for different names.
+_VERSIONS = itertools.count(1)
 
 
 class ActiveAdapters:
     """The active adapters of one model: a single object that all of the model's adapter layers read.
 
-    ``set_adapter`` rebinds ``names`` and bumps ``version``; each layer works out its own active list (the names
+    ``set_adapter`` replaces ``state``, the pair ``(names, version)``, in one assignment (a reader in another
+    thread sees the old pair or the new one, never a mix); each layer works out its own active list (the names
     it holds, in order) on its next forward. A switch therefore costs the same on a model of 10 or 10,000 adapter
     layers and touches no weight. A layer told directly what to run (:meth:`AdapterLayer.set_active`) stops
     following this object.
     """
 
-    __slots__ = ("names", "version", "detached")
+    __slots__ = ("state", "detached")
 
     def __init__(self, names: list[str] | tuple[str, ...] = ()) -> None:
-        self.names = tuple(names)
-        self.version = 0
+        self.state: tuple[tuple[str, ...], int] = (tuple(names), 0)
         self.detached = 0  # layers that stopped following since the last set_adapter
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.state[0]
+
+    @property
+    def version(self) -> int:
+        return self.state[1]
+
     def set(self, names: list[str] | tuple[str, ...]) -> None:
-        self.names = tuple(names)
-        self.version += 1
+        self.state = (tuple(names), next(_VERSIONS))
 
 
 class AdapterLayer(nn.Module):
@@ -52,7 +63,8 @@ class AdapterLayer(nn.Module):
 
     ``active_adapters`` is the layer's own list when it was set on the layer, otherwise the model-wide
     :class:`ActiveAdapters` it follows, filtered to the adapters it holds (recomputed only when that object or
-    the layer's adapters change: ``adapters_stamp``).
+    the layer's adapters change: ``adapters_stamp``). The cache is one tuple ``(version, stamp, list)``, stored
+    in one assignment, so a thread never pairs one version's key with another's list.
     """
 
     adapters_stamp = 0  # bumped whenever an adapter is added, removed or reshaped (caches key on it)
@@ -63,12 +75,15 @@ class AdapterLayer(nn.Module):
         source = state.get("_active_source")
         if source is None:
             return state.setdefault("_own_active", [])
-        key = (source.version, self.adapters_stamp)
-        if state.get("_active_key") != key:
-            held = self.adapter_names()
-            state["_active_list"] = self._runnable([a for a in source.names if a in held])
-            state["_active_key"] = key
-        return state["_active_list"]
+        names, version = source.state
+        stamp = self.adapters_stamp
+        cached = state.get("_active_cache")
+        if cached is not None and cached[0] == version and cached[1] == stamp:
+            return cached[2]
+        held = self.adapter_names()
+        active = self._runnable([a for a in names if a in held])
+        state["_active_cache"] = (version, stamp, active)
+        return active
 
     @active_adapters.setter
     def active_adapters(self, names: list[str]) -> None:
@@ -81,7 +96,7 @@ class AdapterLayer(nn.Module):
     def follow(self, source: ActiveAdapters) -> None:
         """Take the active adapters from ``source`` (shared by every layer of a model) from now on."""
         self.__dict__["_active_source"] = source
-        self.__dict__.pop("_active_key", None)
+        self.__dict__.pop("_active_cache", None)
 
     def _runnable(self, held_active: list[str]) -> list[str]:
         """Of the active adapters this layer holds, those it applies (all of them; one for a module copy)."""
@@ -133,6 +148,8 @@ class LoraLayer(AdapterLayer):
         active_adapters: adapters applied in ``forward`` (in order).
         merged_adapters: adapters whose ΔW currently sits inside ``base_layer``'s weight.
         disable_adapters: when True, ``forward`` returns ``base_layer``'s output alone.
+        row_adapters: the :class:`~lorakit.layers.mixed.RowRouting` of the mixed-adapter call running in this
+            thread (context), or None (read-only; set by :func:`~lorakit.layers.mixed.routed`).
     """
 
     def __init__(self, base_layer: nn.Module, kind: LayerKind) -> None:
@@ -155,7 +172,6 @@ class LoraLayer(AdapterLayer):
         self.use_rslora: dict[str, bool] = {}
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        self.row_adapters: RowRouting | None = None  # set for one call on a batch that mixes adapters
 
     # -- adapters -------------------------------------------------------------------------------------
 
@@ -206,6 +222,11 @@ class LoraLayer(AdapterLayer):
         self.variant[adapter] = VARIANTS[variant or ("dora" if use_dora else "lora")]
         self.variant[adapter].attach(self, adapter)
         self.variant[adapter].initialize(self, adapter, init_lora_weights)
+
+    @property
+    def row_adapters(self) -> RowRouting | None:
+        routes = ROUTES.get()
+        return None if routes is None else routes.get(self)
 
     @property
     def use_dora(self) -> dict[str, bool]:
@@ -279,25 +300,81 @@ class LoraLayer(AdapterLayer):
         changed in place under ``no_grad``, which bumps its version counter (caches keyed on it see it).
 
         Args:
-            safe_merge: compute the merged weight out of place first and refuse to write it if it holds
-                NaN or Inf.
+            safe_merge: compute the merged weight (every adapter of ``adapter_names`` folded in, in the weight's
+                own dtype) out of place first, and refuse to write it if it holds NaN or Inf.
 
         Raises:
-            MergeError: ``safe_merge`` found non-finite values; the weight is unchanged.
+            MergeError: the base layer is quantized, or ``safe_merge`` found non-finite values; the weight is
+                unchanged.
         """
+        pending = self._pending(adapter_names)
+        self._refuse_quantized(pending)
+        weight = self.kind.base_weight(self.base_layer)
+        if safe_merge:
+            merged, records = self.merged_weight(pending)
+            if records:
+                weight.copy_(merged)
+            for adapter, record in records:
+                self._merge_records[adapter] = record
+                self.merged_adapters.append(adapter)
+            return
+        for adapter in pending:
+            self._merge_records[adapter] = self.variant[adapter].merge(self, adapter, weight, False)
+            self.merged_adapters.append(adapter)
+
+    def _pending(self, adapter_names: list[str] | None) -> list[str]:
+        """Of ``adapter_names`` (default: the active ones), those this layer holds and has not merged: in order,
+        each once."""
         names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in self.r]
-        if self.kind.quantized and any(a not in self.merged_adapters for a in names):
+        return list(dict.fromkeys(a for a in names if a not in self.merged_adapters))
+
+    def _refuse_quantized(self, pending: list[str]) -> None:
+        if self.kind.quantized and pending:
             raise MergeError(
                 f"the base layer is quantized ({type(self.base_layer).__name__}): merging into it would requantize "
                 "the weight, a lossy step lorakit never takes silently. Use merge_and_unload(), which dequantizes "
                 "to a plain nn.Linear first, or keep the adapter unmerged"
             )
+
+    @torch.no_grad()
+    def merged_weight(self, adapter_names: list[str] | None = None) -> tuple[torch.Tensor, list[tuple[str, Any]]]:
+        """The base weight with ``adapter_names`` (default: the active ones; those held and not merged yet, in
+        order) folded in, computed out of place in the weight's own dtype, and each adapter's merge record. The
+        layer is left unchanged; with nothing to merge, the weight itself and no record.
+
+        Raises:
+            MergeError: a step gives NaN/Inf in the weight's dtype (the sum overflows, or DoRA's rescale does).
+        """
         weight = self.kind.base_weight(self.base_layer)
-        for adapter in names:
-            if adapter in self.merged_adapters:
-                continue
-            self._merge_records[adapter] = self.variant[adapter].merge(self, adapter, weight, safe_merge)
-            self.merged_adapters.append(adapter)
+        records = []
+        for adapter in self._pending(adapter_names):
+            weight, record = self.variant[adapter].merged(self, adapter, weight)
+            check_finite(weight, adapter)
+            records.append((adapter, record))
+        return weight, records
+
+    @torch.no_grad()
+    def check_merge(
+        self, adapter_names: list[str] | None = None, dequantize: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
+        """Raise :class:`MergeError` where merging ``adapter_names`` here would fail: a quantized base (unless
+        ``dequantize``: then the merge is computed on a transient dequantized copy in ``dtype``, as
+        ``merge_and_unload`` would make it), or NaN/Inf in the merged weight. Changes nothing, keeps nothing:
+        memory for one layer's merged weight at a time."""
+        pending = self._pending(adapter_names)
+        if not pending:
+            return
+        if not self.kind.quantized:
+            self.merged_weight(pending)
+            return
+        if not dequantize:
+            self._refuse_quantized(pending)
+        base, kind = self.base_layer, self.kind
+        try:
+            self.dequantize(dtype)
+            self.merged_weight(pending)
+        finally:
+            self.base_layer, self.kind = base, kind
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -320,8 +397,11 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:  # each row its own adapter (lorakit.layers.mixed)
-            return mixed_forward(self, x, self.row_adapters, *args, **kwargs)
+        routes = ROUTES.get()  # each row its own adapter, for this call only (lorakit.layers.mixed)
+        if routes is not None:
+            routing = routes.get(self)
+            if routing is not None:
+                return mixed_forward(self, x, routing, *args, **kwargs)
         pending = [a for a in self.active_adapters if a not in self.merged_adapters]
         if len(pending) == 1 and not args and not kwargs:
             fused = self.variant[pending[0]].fast_forward(self, pending[0], x)

@@ -22,10 +22,20 @@ over adapters, one sub-batch each. A row named ``"__base__"``, or naming an adap
 (a target it lacks), gets nothing. Variants whose update is not additive say so through
 :meth:`LoraVariant.output_scale`: DoRA rows are then rescaled by their own m / ‖W + s·BA‖ (bias added after), so
 LoRA, DoRA and AdaLoRA rows mix in one batch.
+
+**Threads.** Which rows go where is per-call state: :func:`routed` puts it in a context variable (each thread,
+each asyncio task, sees its own), mapping the layers of the model that was called to that call's
+:class:`RowRouting`, so a model called inside another model's forward keeps its own rows (or its active
+adapters). Everything a layer caches across calls (its pack, the pack's stacks and plans) is an immutable
+object that is replaced whole, never changed in place, so threads that build or read it at once each see a
+complete one.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +50,9 @@ if TYPE_CHECKING:
 BASE_ROW = "__base__"
 #: Layer kinds whose adapter acts on the input's last dimension, where rows can be mixed.
 MIXABLE_KINDS = ("linear", "conv1d_hf", "linear4bit", "linear8bit")
+#: The routings in force in this context (thread, asyncio task): layer -> the routing of the call that set it.
+#: Never changed in place: :func:`routed` sets a new dict and restores the old one.
+ROUTES: ContextVar[dict[LoraLayer, RowRouting] | None] = ContextVar("lorakit_row_routes", default=None)
 
 
 class _Plan:
@@ -99,37 +112,41 @@ class _Pack:
         self.in_features, self.out_features = first_a.shape[1], first_b.shape[0]
         self.width = start
         self.max_rank = max(stop - begin for begin, stop in self.blocks.values())
+        # built on first use, then only ever replaced whole (threads may build them at once: both are equal)
         self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._concatenated: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._plans: dict[tuple[str, ...], _Plan] = {}  # copied on write: a reader never sees it change
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_stackᵀ (n, in, R), Bᵀ_stack (n, R, out))``, ranks zero-padded to R (built on first use)."""
-        if self._stacks is None:
+        got = self._stacks
+        if got is None:
             n, r = len(self.adapters), self.max_rank
             a_stack_t = torch.zeros(n, self.in_features, r, dtype=self.dtype, device=self.device)
             bt_stack = a_stack_t.new_zeros(n, r, self.out_features)
             for j, (a, b, s) in enumerate(self.factors.values()):
                 a_stack_t[j, :, : a.shape[0]] = a.t()
                 bt_stack[j, : a.shape[0]] = b.t() * s
-            self._stacks = (a_stack_t, bt_stack)
-        return self._stacks
+            got = self._stacks = (a_stack_t, bt_stack)
+        return got
 
     def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A' (ΣR, in), B' (out, ΣR))`` with each adapter's scale folded into its block of B' (first use)."""
-        if self._concatenated is None:
+        got = self._concatenated
+        if got is None:
             parts = list(self.factors.values())
             a_cat = torch.cat([a.to(self.dtype) for a, _, _ in parts], dim=0)
             b_cat = torch.cat([(b * s).to(self.dtype) for _, b, s in parts], dim=1)
-            self._concatenated = (a_cat, b_cat)
-        return self._concatenated
+            got = self._concatenated = (a_cat, b_cat)
+        return got
 
     def plan(self, names: tuple[str, ...], out_features: int, dtype: torch.dtype, device: Any) -> _Plan:
-        got = self._plans.get(names)
+        plans = self._plans
+        got = plans.get(names)
         if got is None:
-            if len(self._plans) > 16:
-                self._plans.clear()
-            got = self._plans[names] = _Plan(self, names, out_features, dtype, device)
+            got = _Plan(self, names, out_features, dtype, device)
+            # a new dict, published in one assignment (another thread's plan may be dropped: it is rebuilt)
+            self._plans = {**(plans if len(plans) <= 16 else {}), names: got}
         return got
 
 
@@ -154,17 +171,19 @@ def _fresh(watched: list[tuple[torch.Tensor, int, int]]) -> bool:
 class RowRouting:
     """Which adapter each row of the batches in one call (a forward, or a whole ``generate``) goes through.
 
-    One object per call, shared by every layer. A layer remembers the pack and plan it used for it, so from the
-    second forward of a generation on (every new token) it goes straight to its GEMMs: the factors are checked
-    for changes once per call, not once per token (they cannot change while a forward runs).
+    One object per call, shared by the layers of the called model and by no other call (see :func:`routed`). It
+    remembers, per layer, the pack and plan that layer used, so from the second forward of a generation on
+    (every new token) a layer goes straight to its GEMMs: the factors are checked for changes once per call, not
+    once per token (they cannot change while a forward runs).
     """
 
-    __slots__ = ("names", "adapters", "_rows")
+    __slots__ = ("names", "adapters", "_rows", "_seen")
 
     def __init__(self, names: list[str]) -> None:
         self.names = tuple(names)
         self.adapters = tuple(dict.fromkeys(names))  # each name once, in order of first use
         self._rows: dict[int, tuple[str, ...]] = {}
+        self._seen: dict[LoraLayer, tuple[int, torch.dtype, _Pack | None, _Plan | None]] = {}
 
     def rows(self, batch: int) -> tuple[str, ...]:
         """The names stretched to ``batch`` rows when generation repeats each row (beam search, several samples)."""
@@ -180,16 +199,31 @@ class RowRouting:
         return got
 
 
+@contextlib.contextmanager
+def routed(layers: Iterable[LoraLayer], routing: RowRouting) -> Iterator[None]:
+    """Inside the block, and only in the current context (thread, asyncio task), ``layers`` run ``routing``.
+
+    Routings nest: the layers of a model called inside the block keep their own routing, or none.
+    """
+    outer = ROUTES.get()
+    routes = dict.fromkeys(layers, routing)
+    token = ROUTES.set(routes if outer is None else {**outer, **routes})
+    try:
+        yield
+    finally:
+        ROUTES.reset(token)
+
+
 def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: RowRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``layer``'s output for a batch whose row i goes through adapter ``routing.rows(batch)[i]`` (eval only: no
     dropout)."""
     result = layer.base_layer(x, *args, **kwargs)
-    seen = layer.__dict__.get("_mixed_seen")
-    if seen is not None and seen[0] is routing and seen[1] == x.shape[0] and seen[2] == result.dtype:
-        pack, plan = seen[3], seen[4]
+    seen = routing._seen.get(layer)
+    if seen is not None and seen[0] == x.shape[0] and seen[1] == result.dtype:
+        pack, plan = seen[2], seen[3]
     else:
         pack, plan = _prepare(layer, routing, x, result)
-        layer.__dict__["_mixed_seen"] = (routing, x.shape[0], result.dtype, pack, plan)
+        routing._seen[layer] = (x.shape[0], result.dtype, pack, plan)
     if pack is None:
         return result
     if plan.grouped:
@@ -229,7 +263,7 @@ def _prepare(
     if not adapters:
         return None, None
     stamp = _stamp(layer, adapters)
-    cached = layer.__dict__.get("_mixed_pack")  # one batch composition at a time
+    cached = layer.__dict__.get("_mixed_pack")  # one batch composition at a time, replaced whole (threads)
     if cached is None or cached[0] != stamp or not _fresh(cached[1]):
         cached = layer.__dict__["_mixed_pack"] = (stamp, _watched(layer, adapters), _Pack(layer, adapters))
     pack = cached[2]

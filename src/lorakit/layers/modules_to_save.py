@@ -1,7 +1,8 @@
 """Whole modules trained and saved with an adapter (``modules_to_save``), e.g. a new classification head.
 
 Same layout as PEFT's wrapper, so state-dict keys match: ``original_module`` is the frozen module and
-``modules_to_save[name]`` a trainable copy per adapter; the active adapter's copy runs in ``forward``.
+``modules_to_save[name]`` a trainable copy per adapter; the active adapter's copy runs in ``forward``. Only one
+copy can run, so, as in PEFT, two adapters that both hold a copy are never active together.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.errors import AdapterExistsError, AdapterNotFoundError
+from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from lorakit.layers.lora import AdapterLayer
 
 
@@ -46,7 +47,25 @@ class ModulesToSaveWrapper(AdapterLayer):
         return list(self.modules_to_save[adapter].parameters())
 
     def _runnable(self, held_active: list[str]) -> list[str]:
-        return held_active[:1]  # one copy of the module runs
+        return held_active[:1]  # one copy of the module runs (check_active refuses more)
+
+    def check_active(self, adapters: list[str], where: str = "this module") -> None:
+        """Raise :class:`ConfigError` if more than one of ``adapters`` holds a copy of this module.
+
+        Args:
+            where: the module's name in the model, for the message.
+        """
+        held = [a for a in dict.fromkeys(adapters) if a in self.modules_to_save]
+        if len(held) > 1:
+            raise ConfigError(
+                f"adapters {held} each keep their own copy of {where!r} (modules_to_save) and only one copy can "
+                f"run: activate at most one of them at a time (e.g. set_adapter({held[0]!r})), or keep "
+                "modules_to_save on a single adapter"
+            )
+
+    def set_active(self, adapters: list[str]) -> None:
+        self.check_active(adapters)
+        super().set_active(adapters)
 
     def delete(self, adapter: str) -> None:
         del self.modules_to_save[adapter]

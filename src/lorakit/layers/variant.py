@@ -68,12 +68,17 @@ class LoraVariant:
         Raises:
             MergeError: ``safe_merge`` and the merged weight would hold NaN/Inf; ``weight`` is unchanged.
         """
-        delta = layer.delta_weight(adapter).to(weight.dtype)
         if safe_merge:
-            _commit_finite(weight, weight + delta, adapter)
-        else:
-            weight.add_(delta)
+            merged, record = self.merged(layer, adapter, weight)
+            _commit_finite(weight, merged, adapter)
+            return record
+        weight.add_(layer.delta_weight(adapter).to(weight.dtype))
         return None
+
+    def merged(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``weight`` with the adapter folded in, as a new tensor in ``weight``'s dtype (``weight`` is unchanged),
+        and what :meth:`unmerge` will need: the same arithmetic as :meth:`merge`, out of place."""
+        return weight + layer.delta_weight(adapter).to(weight.dtype), None
 
     def unmerge(self, layer: LoraLayer, adapter: str, weight: torch.Tensor, record: Any) -> None:
         """Undo :meth:`merge` in place; ``record`` is what it returned."""
@@ -88,8 +93,16 @@ class LoraVariant:
         return projection - layer.scaling[adapter] * (a.to(projection.dtype) @ a_j.t()) @ b_j.t()
 
 
+def check_finite(merged: torch.Tensor, adapter: str) -> None:
+    """Raise :class:`MergeError` if ``merged`` (a weight with ``adapter`` folded in) holds NaN/Inf (safe_merge)."""
+    if not torch.isfinite(merged).all():
+        raise MergeError(
+            f"merging adapter {adapter!r} would put NaN/Inf into the base weight (in its dtype, {merged.dtype}); "
+            "nothing was merged"
+        )
+
+
 def _commit_finite(weight: torch.Tensor, merged: torch.Tensor, adapter: str) -> None:
     """Copy ``merged`` into ``weight`` unless it holds NaN/Inf (safe_merge)."""
-    if not torch.isfinite(merged).all():
-        raise MergeError(f"merging adapter {adapter!r} would put NaN/Inf into the base weight; nothing was merged")
+    check_finite(merged, adapter)
     weight.copy_(merged)
