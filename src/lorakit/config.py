@@ -14,6 +14,7 @@ import enum
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -121,7 +122,7 @@ def _enum_value(value: Any, enum_cls: type[enum.Enum], field_name: str) -> Any:
         return value
     try:
         return enum_cls(value)
-    except ValueError:
+    except (ValueError, TypeError):
         accepted = ", ".join(repr(m.value) for m in enum_cls)
         raise ConfigError(f"{field_name}={value!r} is not known; accepted: {accepted}") from None
 
@@ -200,23 +201,35 @@ class LoraConfig:
                 f"{self.PEFT_TYPE.value!r}"
             )
         self.task_type = _enum_value(self.task_type, TaskType, "task_type")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not _is_int(self.r) or self.r <= 0:
             raise ConfigError(f"r={self.r!r} is invalid; the rank must be a positive integer such as 8 or 16")
         _check_positive_number("lora_alpha", self.lora_alpha)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} is invalid; accepted: a number in [0, 1)")
-        if self.bias not in ("none", "all", "lora_only"):
+        if not isinstance(self.bias, str) or self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={self.bias!r} is invalid; accepted: 'none', 'all', 'lora_only'")
-        if self.init_lora_weights not in (True, False, "gaussian", "loftq"):
+        if not any(self.init_lora_weights is v for v in (True, False)) and self.init_lora_weights not in _INITS:
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; "
                 "accepted: True, False, 'gaussian', 'loftq'"
             )
+        for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "dora_grad_through_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; accepted: true or false (a boolean)")
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; accepted: a string or null")
         if dataclasses.is_dataclass(self.loftq_config):  # PEFT's LoftQConfig object
             self.loftq_config = dataclasses.asdict(self.loftq_config)
-        unknown = set(self.loftq_config or {}) - {"loftq_bits", "loftq_iter"}
+        if self.loftq_config is None:
+            self.loftq_config = {}
+        if not isinstance(self.loftq_config, dict):
+            raise ConfigError(f"loftq_config={self.loftq_config!r} is invalid; accepted: {{'loftq_bits': 4, ...}}")
+        unknown = set(self.loftq_config) - {"loftq_bits", "loftq_iter"}
         if unknown:
             raise ConfigError(f"loftq_config has unknown keys {sorted(unknown)}; accepted: loftq_bits, loftq_iter")
+        for key, value in self.loftq_config.items():
+            _check_positive_int(f"loftq_config[{key!r}]", value)
         if self.init_lora_weights == "loftq" and not self.loftq_config:
             raise ConfigError("init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}")
         self.target_modules = _name_selector("target_modules", self.target_modules)
@@ -224,13 +237,34 @@ class LoraConfig:
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
+                raise ConfigError(
+                    f"modules_to_save={self.modules_to_save!r} is invalid; accepted: a list of module names such as "
+                    "['classifier'], or null"
+                )
             self.modules_to_save = list(self.modules_to_save)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+        if _is_int(self.layers_to_transform):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None:
-            bad = [i for i in self.layers_to_transform if not isinstance(i, int) or i < 0]
+            if not isinstance(self.layers_to_transform, (list, tuple)):
+                raise ConfigError(
+                    f"layers_to_transform={self.layers_to_transform!r} is invalid; accepted: a layer index or a list "
+                    "of them"
+                )
+            bad = [i for i in self.layers_to_transform if not _is_int(i) or i < 0]
             if bad:
                 raise ConfigError(f"layers_to_transform holds {bad!r}; accepted: non-negative layer indices")
+            self.layers_to_transform = list(self.layers_to_transform)
+        if self.layers_pattern is not None and not (
+            isinstance(self.layers_pattern, str)
+            or (isinstance(self.layers_pattern, (list, tuple)) and all(isinstance(p, str) for p in self.layers_pattern))
+        ):
+            raise ConfigError(
+                f"layers_pattern={self.layers_pattern!r} is invalid; accepted: the name of the layer list such as "
+                "'layers' or 'h', a list of such names, or null"
+            )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not; set both or neither")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -239,20 +273,20 @@ class LoraConfig:
                 "encode the layer indices in the regex instead"
             )
         self._check_rank_pattern()
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
+        _check_pattern_dict("alpha_pattern", self.alpha_pattern, "{'q_proj': 32}")
         for key, alpha in self.alpha_pattern.items():
             _check_positive_number(f"alpha_pattern[{key!r}]", alpha)
-        for name in ("use_dora", "dora_grad_through_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; accepted: True or False")
         if self.dora_grad_through_norm and not self.use_dora:
             raise ConfigError("dora_grad_through_norm=True needs use_dora=True; it only changes DoRA's backward pass")
 
     def _check_rank_pattern(self) -> None:
         if self.rank_pattern is None:
             self.rank_pattern = {}
+        _check_pattern_dict("rank_pattern", self.rank_pattern, "{'q_proj': 16}")
         for key, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"rank_pattern[{key!r}]={rank!r} is invalid; ranks are positive integers")
+            _check_positive_int(f"rank_pattern[{key!r}]", rank)
 
     # -- serialisation -------------------------------------------------------------------------------
 
@@ -306,7 +340,8 @@ class LoraConfig:
                     )
             else:
                 warnings.warn(f"ignoring unknown adapter config field {key!r}", stacklevel=2)
-        if kwargs.get("init_lora_weights") not in (None, True, False, "gaussian", "loftq"):
+        init = kwargs.get("init_lora_weights")
+        if isinstance(init, str) and (init in _PEFT_CREATION_INITS or init.startswith("pissa_niter_")):
             kwargs["init_lora_weights"] = True  # PEFT's other inits (pissa, olora, eva...) only matter at creation
         return cls(**kwargs)
 
@@ -314,8 +349,13 @@ class LoraConfig:
         """Write ``adapter_config.json`` into ``save_directory`` atomically (see :mod:`lorakit.persistence`)."""
         from lorakit.io import atomic_write_bytes
 
-        os.makedirs(save_directory, exist_ok=True)
-        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json().encode())
+        try:
+            os.makedirs(save_directory, exist_ok=True)
+            atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json().encode())
+        except OSError as exc:
+            if isinstance(exc, AdapterFileError):
+                raise
+            raise AdapterFileError(f"cannot write {CONFIG_NAME} into {os.fspath(save_directory)!r}: {exc}") from exc
 
     def to_json(self) -> str:
         """The JSON text PEFT writes: two-space indent, sorted keys."""
@@ -343,7 +383,7 @@ class LoraConfig:
 
 @dataclass
 class AdaLoraConfig(LoraConfig):
-    """AdaLoRA (Zhang et al. 2023, arXiv 2303.10512; seed §5.2): ΔW = P Λ Q in SVD form with an adaptive rank.
+    """AdaLoRA (Zhang et al. 2023, arXiv 2303.10512): ΔW = P Λ Q in SVD form with an adaptive rank.
 
     Each adapted layer holds ``init_r`` triplets: ``lora_A`` (Q, ``(init_r, in)``), ``lora_E`` (Λ,
     ``(init_r, 1)``) and ``lora_B`` (P, ``(out, init_r)``); ΔW = α/(init_r + 1e-5) · B (A ⊙ E). Training scores
@@ -384,7 +424,7 @@ class AdaLoraConfig(LoraConfig):
         super().__post_init__()
         for name in ("target_r", "init_r", "deltaT", "total_step"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 hint = "; AdaLoRA lays its schedule out over the run's optimizer steps" if name == "total_step" else ""
                 raise ConfigError(f"{name}={value!r} is invalid; accepted: a positive integer{hint}")
         for name in ("tinit", "tfinal"):
@@ -418,8 +458,7 @@ class AdaLoraConfig(LoraConfig):
     def _check_rank_pattern(self) -> None:
         if self.rank_pattern is None:
             return
-        if not isinstance(self.rank_pattern, dict):
-            raise ConfigError(f"rank_pattern={self.rank_pattern!r} is invalid; accepted: None or {{module: [bool]}}")
+        _check_pattern_dict("rank_pattern", self.rank_pattern, "None or {module: [bool]}", regex=False)
         for key, mask in self.rank_pattern.items():
             if not isinstance(mask, list) or not all(isinstance(v, bool) for v in mask):
                 raise ConfigError(f"rank_pattern[{key!r}] is invalid; AdaLoRA's entries are lists of booleans")
@@ -443,18 +482,59 @@ def read_json(file: str | os.PathLike) -> dict[str, Any]:
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFileError(f"cannot read adapter config {os.fspath(file)!r}: {exc}") from exc
+    except RecursionError:
+        raise AdapterFileError(f"adapter config {os.fspath(file)!r} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"adapter config {os.fspath(file)!r} holds {type(data).__name__}, not a JSON object")
     return data
 
 
+#: ``init_lora_weights`` values lorakit runs.
+_INITS = ("gaussian", "loftq")
+#: PEFT's initialisations that only shape the adapter when it is created: a saved adapter of theirs loads as-is.
+_PEFT_CREATION_INITS = ("pissa", "olora", "eva", "corda", "orthogonal", "lora_ga")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is invalid; accepted: a positive integer such as 8 or 16")
+
+
 def _check_positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}={value!r} is invalid; accepted: a positive finite number such as 16")
 
 
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ConfigError(f"{name}={pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _check_pattern_dict(name: str, value: Any, example: str, regex: bool = True) -> None:
+    """A ``{module name or regex: value}`` dict with string keys (each a valid regex when ``regex``)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"{name}={value!r} is invalid; accepted: a dict of module names (or regexes), e.g. {example}")
+    if regex:
+        for key in value:
+            _check_regex(f"{name} key", key)
+
+
 def _name_selector(name: str, value: Any) -> list[str] | str | None:
-    if value is None or isinstance(value, str):
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if value != "all-linear":
+            _check_regex(name, value)
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return sorted(value) if isinstance(value, (set, frozenset)) else list(value)

@@ -21,7 +21,9 @@ from lorakit.adalora import AdaLoraModel
 from lorakit.config import TASK_HEADS, LoraConfig, PeftType
 from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
 from lorakit.layers.kinds import HFConv1DKind
-from lorakit.persistence import load_adapter_state, module_key, read_adapter_weights, save_adapter, write_adapter
+from lorakit.layers.mixed import BASE_ROW
+from lorakit.persistence import load_adapter_state, module_key, read_adapter, save_adapter, write_adapter
+from lorakit.targeting import ALL_LINEAR, all_linear_suffixes
 from lorakit.tuner import LoraModel
 
 #: The heatmap of kept ranks written next to a trained AdaLoRA adapter.
@@ -195,7 +197,7 @@ class PeftModel(nn.Module):
     ) -> int:
         """transformers' ``num_parameters`` over the whole adapted model.
 
-        ``trainable=`` is accepted as an alias of ``only_trainable=`` (the seed document's §7.2 spells it so).
+        ``trainable=`` is accepted as an alias of ``only_trainable=`` (some PEFT tutorials spell it so).
         """
         if trainable is not None:
             only_trainable = trainable
@@ -290,6 +292,8 @@ class PeftModel(nn.Module):
             config.inference_mode = True
             if self._wraps_conv1d(name):
                 config.fan_in_fan_out = True  # what PEFT writes for transformers' Conv1D; only the file's copy changes
+            if config.target_modules == ALL_LINEAR:  # PEFT writes the expanded names (readers such as vLLM check them)
+                config.target_modules = all_linear_suffixes(self.get_base_model())
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers)
             if isinstance(self.base_model, AdaLoraModel) and config.rank_pattern:
@@ -344,10 +348,8 @@ class PeftModel(nn.Module):
             AdapterFileError, ConfigError, ShapeMismatchError: see :meth:`load_adapter`. On any of them the
                 model is left exactly as it was.
         """
-        if config is None:
-            config = LoraConfig.from_pretrained(model_id, subfolder=subfolder)
+        config, state = read_adapter(model_id, subfolder=subfolder, config=config)
         config.inference_mode = not is_trainable
-        state = read_adapter_weights(model_id, subfolder=subfolder)
         from lorakit.tasks import MODEL_TYPE_TO_PEFT_MODEL  # the task classes build on this module
 
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
@@ -387,9 +389,8 @@ class PeftModel(nn.Module):
             ShapeMismatchError: tensors whose shapes do not fit this model.
             On any error the model is left exactly as it was.
         """
-        config = LoraConfig.from_pretrained(model_id, subfolder=subfolder)
+        config, state = read_adapter(model_id, subfolder=subfolder)
         config.inference_mode = not is_trainable
-        state = read_adapter_weights(model_id, subfolder=subfolder)
         self.add_adapter(adapter_name, _for_loading(config))
         self.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
         try:
@@ -440,11 +441,38 @@ def _with_task_defaults(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return config
 
 
+#: Longest adapter name: it becomes a folder name (255 bytes on common file systems) and a key in every layer.
+MAX_ADAPTER_NAME = 128
+#: Attributes of the containers that hold adapters by name: an adapter called ``keys`` or ``training`` would
+#: shadow them (torch refuses such keys half-way through building an adapter).
+_CONTAINER_ATTRIBUTES = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+
+
 def _check_adapter_name(name: Any) -> None:
-    if not isinstance(name, str) or not name or "." in name or "/" in name:
+    """Refuse a name that cannot be a module key and a folder name, before anything is built under it.
+
+    Raises:
+        ConfigError: naming the problem and what is accepted.
+    """
+    accepted = (
+        f"use a non-empty string of at most {MAX_ADAPTER_NAME} characters without '.', '/', '\\' or control "
+        "characters, such as 'default' or 'sql-v2'"
+    )
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"adapter name {name!r} is invalid; {accepted}")
+    if len(name) > MAX_ADAPTER_NAME or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise ConfigError(f"adapter name of {len(name)} characters is too long; {accepted}")
+    bad = [c for c in name if c in "./\\" or not c.isprintable()]
+    if bad:
+        raise ConfigError(f"adapter name {name!r} holds {bad[0]!r}; {accepted} (it becomes a module key and a folder)")
+    if name == BASE_ROW:
         raise ConfigError(
-            f"adapter name {name!r} is invalid; use a non-empty string without '.' or '/' (it becomes a module key "
-            "and a folder name)"
+            f"adapter name {name!r} is reserved: in adapter_names it means 'the base model, no adapter'; pick another"
+        )
+    if name in _CONTAINER_ATTRIBUTES:
+        raise ConfigError(
+            f"adapter name {name!r} is the name of an attribute of torch's module containers, which hold adapters "
+            f"by name; pick another, e.g. {name + '_adapter'!r}"
         )
 
 

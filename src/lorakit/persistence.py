@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.errors import AdapterFileError, ShapeMismatchError
-from lorakit.io import atomic_write_files, resolve_adapter_file
+from lorakit.io import atomic_write_files, reading_folder, resolve_adapter_file
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 if TYPE_CHECKING:
@@ -168,13 +168,17 @@ def write_adapter(
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(config.to_json())
 
-    weights_name = WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME
+    names = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)
+    weights_name, other = names if safe_serialization else names[::-1]
     try:
-        atomic_write_files(
-            {os.path.join(directory, weights_name): write_weights, os.path.join(directory, CONFIG_NAME): write_config}
-        )
-    except PermissionError as exc:
-        raise AdapterFileError(f"cannot write adapter into {directory!r}: {exc.strerror or exc}") from exc
+        # config and weights change together (a journal completes a save killed between the renames); a weights
+        # file of the other format would shadow or contradict the new one, so it goes in the same step
+        atomic_write_files(directory, {weights_name: write_weights, CONFIG_NAME: write_config}, removals=(other,))
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AdapterFileError(
+            f"cannot write adapter into {directory!r}: {reason}; the adapter that was there (if any) is unchanged"
+        ) from exc
 
 
 def read_adapter_weights(path: str | os.PathLike, subfolder: str | None = None) -> dict[str, torch.Tensor]:
@@ -208,40 +212,121 @@ def read_adapter_weights(path: str | os.PathLike, subfolder: str | None = None) 
     return state
 
 
+def read_adapter(
+    path: str | os.PathLike, subfolder: str | None = None, config: LoraConfig | None = None
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter folder's config (unless given) and weights, read as one consistent pair.
+
+    The folder is read under a shared lock, so a concurrent save (which holds it exclusively) is never seen
+    half-way: the config and the weights come from the same save. The ranks the config asks for are checked
+    against the file's tensors before anything is built from them (:func:`check_ranks_fit`).
+
+    Raises:
+        AdapterFileError: missing, unreadable or corrupt files.
+        ConfigError: an invalid config.
+        ShapeMismatchError: the config's ranks disagree with the file's tensors.
+    """
+    folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+    with reading_folder(folder):
+        if config is None:
+            config = LoraConfig.from_pretrained(path, subfolder=subfolder)
+        state = read_adapter_weights(path, subfolder=subfolder)
+    check_ranks_fit(config, state)
+    return config, state
+
+
+_RANK_KEYS = (".lora_A.weight", ".lora_embedding_A")
+
+
+def check_ranks_fit(config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
+    """Refuse a config whose ranks disagree with the factors in ``state`` (before any layer is allocated).
+
+    A LoRA factor A has the rank as its first dimension (``(r, in)``, ``(r, in, k, k)``, embeddings ``(r, num)``).
+    For LoRA the rank of each module is ``rank_pattern``'s or ``r``; for AdaLoRA every layer is built at
+    ``init_r`` and cut to the kept triplets of ``rank_pattern``. A config claiming ``r = 10**9`` for a rank-8
+    file is therefore refused here, not after allocating gigabytes.
+
+    Raises:
+        ShapeMismatchError: naming the first module whose rank differs, with both values.
+    """
+    from lorakit.config import AdaLoraConfig
+    from lorakit.targeting import pattern_value
+
+    for key, tensor in state.items():
+        suffix = next((s for s in _RANK_KEYS if key.endswith(s)), None)
+        if suffix is None or tensor.dim() < 2:  # a factor is at least (r, in); anything else fails the key check
+            continue
+        module = key[: -len(suffix)].removeprefix(KEY_PREFIX)
+        file_rank = tensor.shape[0]
+        if isinstance(config, AdaLoraConfig):
+            mask = (config.rank_pattern or {}).get(f"{module}.lora_E")
+            if mask is not None and len(mask) != config.init_r:
+                raise ShapeMismatchError(
+                    f"rank_pattern[{module + '.lora_E'!r}] has {len(mask)} entries but init_r={config.init_r}; "
+                    "the config does not belong to this adapter's file"
+                )
+            if mask is None:
+                expected, what = config.init_r, "init_r"
+            else:
+                expected, what = sum(mask), "the kept ranks of rank_pattern"
+        else:
+            expected, what = pattern_value(config.rank_pattern, module, config.r), "r / rank_pattern"
+        if expected != file_rank:
+            raise ShapeMismatchError(
+                f"the adapter config asks for rank {expected} ({what}) for {module!r} but the weights file holds "
+                f"rank {file_rank} there ({key!r}); the config and the weights do not belong together"
+            )
+
+
 def _peft_alias(key: str, adapter_name: str) -> str:
     """PEFT's ``bias="all"`` files also hold ``<m>.modules_to_save.bias`` (no adapter name): name it."""
     head, sep, tail = key.partition(".modules_to_save.")
     return f"{head}{sep}{adapter_name}.{tail}" if sep else key
 
 
+def _base_tensors(lora_model: LoraModel) -> dict[str, torch.Tensor]:
+    """File key -> tensor for every parameter and buffer of the model (a tied weight answers to each name)."""
+    model = lora_model.model
+    out = {module_key("", n): p for n, p in model.named_parameters(remove_duplicate=False)}
+    for n, b in model.named_buffers(remove_duplicate=False):
+        out.setdefault(module_key("", n), b)
+    return out
+
+
 def load_adapter_state(lora_model: LoraModel, adapter_name: str, state: dict[str, Any]) -> None:
     """Copy a file's tensors into adapter ``adapter_name``; all checks happen before any tensor is written.
 
     Raises:
-        AdapterFileError: the file lacks tensors the adapter needs, or holds tensors that match no module.
+        AdapterFileError: the file lacks tensors the adapter needs, holds tensors that match no module, or holds
+            a base tensor the adapter does not own (a base weight, a buffer such as rotary ``inv_freq``).
         ShapeMismatchError: a tensor's shape differs from the model's; names the first such key.
     """
     required = required_keys(lora_model, adapter_name)
-    optional = adapter_tensors(lora_model, adapter_name, save_embedding_layers=True)
-    # remove_duplicate=False: a tied weight (lm_head = embed_tokens) answers to both of its names.
-    everything = {module_key("", n): p for n, p in lora_model.model.named_parameters(remove_duplicate=False)}
-    everything.update(
-        (module_key("", n), b)
-        for n, b in lora_model.model.named_buffers(remove_duplicate=False)
-        if module_key("", n) not in everything
-    )
+    # What the adapter owns: factors, DoRA magnitudes, modules_to_save copies, the biases its config trains, and
+    # (PEFT's resized-vocabulary files) the embedding weights. Nothing else of the base may be written.
+    owned = adapter_tensors(lora_model, adapter_name, save_embedding_layers=True)
     missing = [k for k in required if k not in state]
     if missing:
         raise AdapterFileError(
             f"the adapter file lacks {len(missing)} of the {len(required)} tensors this adapter needs, first "
             f"{missing[0]!r}; was it saved for another model or with other target_modules?"
         )
+    owned_ids = {id(t) for t in owned.values()}
+    base = _base_tensors(lora_model)
+    if lora_model.peft_config[adapter_name].bias == "all":  # every bias trains, inside wrappers too (PEFT's rule)
+        owned_ids.update(id(t) for k, t in base.items() if k.rsplit(".", 1)[-1] == "bias")
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     unexpected: list[str] = []
     for key, tensor in state.items():
-        dest = optional.get(key)
-        if dest is None:
-            dest = everything.get(key, everything.get(_peft_alias(key, adapter_name)))
+        dest = owned.get(key)
+        if dest is None:  # a state-dict name (PEFT's bias="all" files also name the copies' biases so)
+            dest = base.get(key, base.get(_peft_alias(key, adapter_name)))
+            if dest is not None and id(dest) not in owned_ids:
+                raise AdapterFileError(
+                f"the adapter file holds {key!r}, a tensor of the base model that this adapter does not own; an "
+                "adapter file may only set its own factors, DoRA magnitudes, modules_to_save copies and the biases "
+                    "its config trains (bias='all' or 'lora_only'). Nothing was loaded"
+                )
         if dest is None:
             unexpected.append(key)
             continue

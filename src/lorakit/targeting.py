@@ -81,17 +81,32 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
 
 
 def all_linear_suffixes(model: nn.Module) -> list[str]:
-    """Last name components of every Linear/Conv1D, minus that of the output head (``lm_head``, …)."""
+    """Last name components of every Linear/Conv1D, minus that of the output head (``lm_head``, …).
+
+    Modules lorakit inserted are seen as what they wrap: an adapted ``q_proj`` still counts as the linear
+    ``q_proj``, and the modules inside an adapter layer (``base_layer``, ``lora_A.default``, ...) are not
+    models' layers at all, so a second ``"all-linear"`` adapter selects the same modules as the first.
+    """
     from lorakit.layers.kinds import HFConv1D
+    from lorakit.layers.lora import AdapterLayer
 
     linear_types: tuple[type, ...] = (nn.Linear,) if HFConv1D is None else (nn.Linear, HFConv1D)
-    suffixes = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, linear_types)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        for name, m in model.named_modules():
-            if m is head:
-                suffixes.discard(name.rsplit(".", 1)[-1])
-    return sorted(suffixes)
+    suffixes: set[str] = set()
+    inside: set[int] = set()
+    head_names: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or id(module) in inside:
+            continue
+        seen_as = module
+        if isinstance(module, AdapterLayer):
+            inside.update(id(m) for m in module.modules() if m is not module)
+            seen_as = module.original()
+        if seen_as is head or module is head:
+            head_names.add(name.rsplit(".", 1)[-1])
+        elif isinstance(seen_as, linear_types):
+            suffixes.add(name.rsplit(".", 1)[-1])
+    return sorted(suffixes - head_names)
 
 
 def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:

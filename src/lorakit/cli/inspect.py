@@ -54,7 +54,7 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
 
     from lorakit.config import LoraConfig
     from lorakit.errors import AdapterFileError
-    from lorakit.persistence import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+    from lorakit.persistence import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_weights
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -65,7 +65,7 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
         shapes = _shapes(weights)
     elif (folder / LEGACY_WEIGHTS_NAME).is_file():
         weights = folder / LEGACY_WEIGHTS_NAME
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = read_adapter_weights(folder)  # torch.load(weights_only=True); refusals as AdapterFileError
         shapes = {k: (list(v.shape), str(v.dtype)) for k, v in state.items()}
     else:
         raise AdapterFileError(f"no weights file in {folder}: expected {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME}")

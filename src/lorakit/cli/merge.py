@@ -78,20 +78,21 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     import torch
 
     from lorakit.cli.generate import base_model_for
-    from lorakit.errors import AdapterFileError
     from lorakit.hub import load_model
-    from lorakit.io import atomic_write_dir
+    from lorakit.io import atomic_write_dir, check_output_apart
     from lorakit.model import PeftModel
 
     out = Path(args.output).expanduser()
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise AdapterFileError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
-    base, tokenizer = load_model(base_model_for(args.model, args.adapter))
+    base_spec = base_model_for(args.model, args.adapter)
+    check_output_apart(out, {"--adapter": args.adapter, "base model": base_spec}, "--output")
+    check_replaceable(out, args.overwrite)
+    base, tokenizer = load_model(base_spec)
     if args.bits is not None:
         from lorakit.kbit import quantize
 
@@ -127,11 +128,48 @@ def run(args: argparse.Namespace) -> int:
     def fill(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "lorakit merge", "files": written}, indent=2) + "\n")
 
     atomic_write_dir(out, fill)
     form = f"{args.dtype}" + (f", linear layers in {args.requantize} bit" if args.requantize else "")
     print(f"merged model ({n:,} parameters, {form}) written to {out}")
     return 0
+
+
+#: The list of files ``lorakit merge`` wrote into its output: ``--overwrite`` replaces only such a folder.
+MANIFEST = ".lorakit-merge.json"
+
+
+def check_replaceable(out: Any, overwrite: bool) -> None:
+    """Refuse to replace ``out`` unless asked, and then only if it holds nothing but an earlier merge's files.
+
+    Raises:
+        AdapterFileError: ``out`` is a file, holds files without ``--overwrite``, or holds files that no
+            ``lorakit merge`` wrote (listed), which replacing the folder would delete.
+    """
+    import json
+
+    from lorakit.errors import AdapterFileError
+
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"--output {out} is a file; give a folder")
+    present = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+    if not present:
+        return
+    if not overwrite:
+        raise AdapterFileError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    try:
+        ours = set(json.loads((out / MANIFEST).read_text())["files"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    foreign = [f for f in present if f not in ours]
+    if foreign:
+        raise AdapterFileError(
+            f"--output {out} holds files that lorakit merge did not write ({', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}); --overwrite replaces only an earlier merge's folder, so "
+            "choose another --output or move those files"
+        )
 
 
 def logit_drift(reference: Any, logits: Any) -> dict[str, float]:
