@@ -23,7 +23,7 @@ from lorakit.estimate import (
     nf4_bytes,
     optimizer_bytes,
     preset_config,
-    seed_check,
+    quoted_figures,
 )
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,7 +32,7 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 # -- closed-form figures --------------------------------------------------------------------------------
 
 
-def test_seed_layer_4096_r8():
+def test_quoted_layer_4096_r8():
     layer = layer_comparison(4096, 4096, 8)
     assert layer["full"] == 16_777_216
     assert layer["lora"] == 65_536
@@ -124,7 +124,7 @@ def test_modules_to_save_matching_nothing():
         count_parameters(meta, LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
 
 
-# -- presets and the seed's LLaMA-7B figures -------------------------------------------------------------
+# -- presets and the quoted LLaMA-7B figures -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -149,15 +149,15 @@ def test_llama2_7b_seven_projections_r8():
     assert count_parameters(meta, LoraConfig(r=8, target_modules="all-linear")).adapter == 19_988_480
 
 
-def test_seed_check_figures():
-    s = seed_check()
+def test_quoted_figures():
+    s = quoted_figures()
     assert s["layer"]["lora"] == 65_536 and s["layer"]["ratio"] == 256
     assert s["counts"] == {
         "q_proj, v_proj": 4_194_304,
         "q, k, v, o": 8_388_608,
         "q, k, v, o, gate, up, down": 19_988_480,
     }
-    assert s["ranks_in_seed_range"] == [2, 3]  # 4,997,120 and 7,495,680
+    assert s["ranks_in_quoted_range"] == [2, 3]  # 4,997,120 and 7,495,680
     assert s["total"] == 6_738_415_616
 
 
@@ -180,7 +180,7 @@ def test_llama2_7b_memory_by_hand():
     quantized = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     weights = 32 * (4 * attn + 3 * mlp) + 2 * (total - quantized)
     assert mem["qlora"].weights == weights + 4 * adapter
-    assert weights == seed_check()["nf4"]["weights_bytes"] == 3_865_592_704  # the seed's "~4 GB"
+    assert weights == quoted_figures()["nf4"]["weights_bytes"] == 3_865_592_704  # the quoted "~4 GB"
 
 
 def test_activations_are_an_estimate_that_scales():
@@ -254,11 +254,11 @@ def test_cli_json(capsys, tmp_path):
     assert json.loads(file.read_text())["model"]["total_params"] == 134_515_008
 
 
-def test_cli_layer_and_seed_check(capsys):
+def test_cli_layer_and_quoted_figures(capsys):
     assert cli_estimate.run(parse("--layer", "4096x4096", "-r", "8")) == 0
     out = capsys.readouterr().out
     assert "65,536" in out and "16,777,216" in out and "256x fewer" in out
-    assert cli_estimate.run(parse("--seed-check")) == 0
+    assert cli_estimate.run(parse("--quoted-figures")) == 0
     out = capsys.readouterr().out
     assert "19,988,480" in out and "4,194,304" in out and "8,388,608" in out and "~4 GB" in out
 

@@ -1,6 +1,7 @@
-"""The seed document's §7.2-7.4 code, run as written with `peft` replaced by `lorakit`.
+"""PEFT's quick-start code as tutorials write it (model, LoraConfig, Trainer, save, load, several task adapters),
+run as written with `peft` replaced by `lorakit`.
 
-Differences from the document, all forced by this machine: a tiny local LLaMA saved to a temporary folder
+Differences from such a tutorial, all forced by this machine: a tiny local LLaMA saved to a temporary folder
 stands in for meta-llama/Llama-2-7b-hf (no hub access), `fp16=True` is dropped from TrainingArguments (fp16
 mixed precision needs a GPU), the training set is a small synthetic dataset, and `input_ids` is defined.
 """

@@ -1,4 +1,4 @@
-"""AdaLoRA's schedule (Zhang et al. 2023, arXiv 2303.10512; seed §5.2): importance, budget, masks, truncation.
+"""AdaLoRA's schedule (Zhang et al. 2023, arXiv 2303.10512): importance, budget, masks, truncation.
 
 The layers hold each adapter in SVD form (:mod:`lorakit.layers.adalora`); this module decides which of the
 triplets (A_i, λ_i, B_i) survive. Paper §3.2–3.3 and Algorithm 1, with PEFT's conventions:

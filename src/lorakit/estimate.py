@@ -44,7 +44,7 @@ _LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_
 _SMOLLM2 = {**_LLAMA, "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192}
 #: Built-in configs (values of the published ``config.json`` files) so well-known models need no download.
 PRESETS: dict[str, dict[str, Any]] = {
-    # LLaMA-1 7B: the model of the seed document's §4 figures (same shapes as LLaMA-2-7B).
+    # LLaMA-1 7B: the model of the figures usually quoted for LoRA (same shapes as LLaMA-2-7B).
     "llama-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                  "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
@@ -522,28 +522,31 @@ def activation_bytes(model_config: Any, setup: TrainingSetup, logits: bool = Tru
     return setup.batch_size * setup.seq_len * (e * stored + head)
 
 
-# -- the seed document's figures ----------------------------------------------------------------------
+# -- the figures quoted for LoRA and QLoRA on LLaMA-7B -------------------------------------------------
 
-SEED_CHOICES = {
+QUOTED_CHOICES = {
     "q_proj, v_proj": ["q_proj", "v_proj"],
     "q, k, v, o": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "q, k, v, o, gate, up, down": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 
-def seed_check(r: int = 8) -> dict[str, Any]:
-    """The seed document's figures recomputed exactly (LLaMA-7B from the ``llama-7b`` preset, no weights).
+def quoted_figures(r: int = 8) -> dict[str, Any]:
+    """The figures usually quoted for LoRA and QLoRA, recomputed exactly (LLaMA-7B from the ``llama-7b`` preset).
 
-    Returns a dict with ``layer`` (§2: 4096×4096 at rank r), ``counts`` (§4.1: LoRA parameters per target
-    choice), ``ranks_in_seed_range`` (ranks at which all seven projections give 4–8M), ``total``, the §4.2
-    memory in fp32 (full FT and LoRA with AdamW), and §5.1's NF4 + double-quant weight bytes.
+    The quotes: one 4096×4096 layer at r = 8 trains r(d+k) = 65,536 instead of dk = 16,777,216 values (the
+    count of LoRA, Hu et al. 2021, arXiv 2106.09685, §4.1); "~4–8M" LoRA parameters for LLaMA-7B; ~112 GB to fine-tune it fully in fp32 with
+    AdamW; ~4 GB for its weights in NF4 with double quantization (QLoRA, Dettmers et al. 2023, arXiv
+    2305.14314, §3). Returns a dict with ``layer`` (the 4096×4096 layer at rank r), ``counts`` (LoRA parameters
+    per target choice), ``ranks_in_quoted_range`` (ranks at which all seven projections give 4–8M), ``total``,
+    the fp32 memory (full FT and LoRA with AdamW), and the NF4 + double-quant weight bytes.
     """
     config = preset_config("llama-7b")
     model = build_meta_model(config)
     counts = {
-        label: count_parameters(model, LoraConfig(r=r, target_modules=t)).adapter for label, t in SEED_CHOICES.items()
+        label: count_parameters(model, LoraConfig(r=r, target_modules=t)).adapter for label, t in QUOTED_CHOICES.items()
     }
-    all_seven = SEED_CHOICES["q, k, v, o, gate, up, down"]
+    all_seven = QUOTED_CHOICES["q, k, v, o, gate, up, down"]
     per_rank = {
         rank: count_parameters(model, LoraConfig(r=rank, target_modules=all_seven)).adapter for rank in range(1, 9)
     }
@@ -557,7 +560,7 @@ def seed_check(r: int = 8) -> dict[str, Any]:
         "r": r,
         "total": est.total,
         "counts": counts,
-        "ranks_in_seed_range": [k for k, v in per_rank.items() if 4_000_000 <= v <= 8_000_000],
+        "ranks_in_quoted_range": [k for k, v in per_rank.items() if 4_000_000 <= v <= 8_000_000],
         "ratio_all_seven": est.total / est.adapter,
         "fp32_full_model_states": fp32["full"].model_states,
         "fp32_lora_model_states": fp32["lora"].model_states,

@@ -14,8 +14,8 @@ examples:
   # LLaMA-2-7B, LoRA r=8 on every linear layer: exact counts, full FT vs LoRA vs QLoRA memory
   lorakit estimate llama-2-7b
 
-  # the seed document's figures recomputed exactly (4096x4096 at r=8; LLaMA-7B counts; NF4 ~4 GB)
-  lorakit estimate --seed-check
+  # the figures usually quoted for LoRA and QLoRA, recomputed exactly (4096x4096 at r=8; LLaMA-7B counts; NF4 ~4 GB)
+  lorakit estimate --quoted-figures
 
   # one layer: r(d+k) vs d*k
   lorakit estimate --layer 4096x4096 --r 8
@@ -127,7 +127,12 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true", help="activations with checkpointing")
     g = p.add_argument_group("other modes and output")
     g.add_argument("--layer", type=_layer, metavar="DxK", help="only compare one DxK weight: r(d+k) vs d*k")
-    g.add_argument("--seed-check", action="store_true", help="recompute the seed document's figures")
+    g.add_argument(
+        "--quoted-figures",
+        action="store_true",
+        help="recompute the figures usually quoted for LoRA and QLoRA on LLaMA-7B (65,536 vs 16,777,216; ~4 GB NF4)",
+    )
+    g.add_argument("--seed-check", dest="quoted_figures", action="store_true", help=argparse.SUPPRESS)  # old name
     g.add_argument("--json", nargs="?", const="-", metavar="FILE", help="JSON to FILE (or to stdout instead of text)")
     p.set_defaults(run=run)
 
@@ -167,8 +172,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.layer:
         return {"layer": E.layer_comparison(*args.layer, getattr(args, "r", 8))}
-    if args.seed_check:
-        return {"seed_check": E.seed_check(getattr(args, "r", 8))}
+    if args.quoted_figures:
+        return {"quoted_figures": E.quoted_figures(getattr(args, "r", 8))}
     config = lora_config(args)
     model_config, origin = E.load_model_config(args.model_opt or args.source)
     model = E.build_meta_model(model_config, args.arch, config.task_type)
@@ -228,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
             fh.write("\n")
     if "layer" in result:
         print_layer(result["layer"])
-    elif "seed_check" in result:
-        print_seed_check(result["seed_check"])
+    elif "quoted_figures" in result:
+        print_quoted_figures(result["quoted_figures"])
     else:
         print_estimate(result)
     return 0
@@ -332,28 +337,28 @@ def print_estimate(res: dict[str, Any]) -> None:
         print(textwrap.fill(note, width=110, initial_indent="  - ", subsequent_indent="    "))
 
 
-def print_seed_check(s: dict[str, Any]) -> None:
+def print_quoted_figures(s: dict[str, Any]) -> None:
     gb = 1e9
     layer, nf4, counts, r = s["layer"], s["nf4"], s["counts"], s["r"]
-    print(f"The seed document's figures, recomputed exactly (LLaMA-7B = preset llama-7b, no weights; r={r})\n")
-    print("§2 one 4096 x 4096 layer (seed: 16,777,216 vs 65,536, 256x fewer)")
+    print(f"The figures usually quoted for LoRA and QLoRA, recomputed exactly (LLaMA-7B = preset llama-7b; r={r})\n")
+    print("One 4096 x 4096 layer: r(d+k) instead of dk (LoRA paper §4.1), quoted as 65,536 vs 16,777,216")
     print_layer(layer)
-    print(f"\n§4.1 LoRA parameters of LLaMA-7B ({s['total']:,} parameters) at r={r}:")
+    print(f"\nLoRA parameters of LLaMA-7B ({s['total']:,} parameters) at r={r}:")
     for label, n in counts.items():
         print(f"  {label:<28} {n:>12,}")
     seven = counts["q, k, v, o, gate, up, down"]
-    ranks = s["ranks_in_seed_range"]
+    ranks = s["ranks_in_quoted_range"]
     print(
-        f'  The seed says "~4-8M" for Q, K, V, O and the MLP: the exact count is {seven:,} ({seven / 1e6:.1f}M).\n'
+        f'  "~4-8M" is often quoted for Q, K, V, O and the MLP: the exact count is {seven:,} ({seven / 1e6:.1f}M).\n'
         f"  4-8M fits q,v ({counts['q_proj, v_proj'] / 1e6:.2f}M) up to q,k,v,o ({counts['q, k, v, o'] / 1e6:.2f}M)"
         f" at r={r}" + (f", or all seven projections at r={' or '.join(map(str, ranks))}" if ranks else "") + "."
     )
-    print(f"  Ratio: {s['total']:,} / {seven:,} = {s['ratio_all_seven']:.0f}x fewer (the seed's ~875x is 7B / 8M)")
+    print(f"  Ratio: {s['total']:,} / {seven:,} = {s['ratio_all_seven']:.0f}x fewer (the quoted ~875x is 7B / 8M)")
     full, lora = s["fp32_full_model_states"], s["fp32_lora_model_states"]
-    print("\n§4.2 fp32 weights + gradients + AdamW (2 fp32 moments), activations excluded:")
-    print(f"  full fine-tuning  {full / gb:6.1f} GB ({_gib(full)} GiB)   seed: ~112 GB (7B x 16 bytes)")
-    print(f"  LoRA (7 proj.)    {lora / gb:6.1f} GB ({_gib(lora)} GiB)   seed: ~28.1 GB")
-    print("\n§5.1 QLoRA: LLaMA-7B base weights in NF4 with double quantization (seed: ~4 GB)")
+    print("\nfp32 weights + gradients + AdamW (2 fp32 moments), activations excluded:")
+    print(f"  full fine-tuning  {full / gb:6.1f} GB ({_gib(full)} GiB)   quoted: ~112 GB (7B x 16 bytes)")
+    print(f"  LoRA (7 proj.)    {lora / gb:6.1f} GB ({_gib(lora)} GiB)   quoted: ~28.1 GB")
+    print("\nQLoRA (paper §3): LLaMA-7B base weights in NF4 with double quantization (quoted: ~4 GB)")
     print(f"  {nf4['quantized_params']:,} Linear weights: {nf4['nf4_data_bytes'] / gb:.3f} GB of 4-bit data")
     print(f"    + {nf4['double_quant_constant_bytes'] / gb:.3f} GB of block constants (double quantization)")
     print(f"  embeddings, norms and output head in bf16: {nf4['bf16_rest_bytes'] / gb:.3f} GB")
