@@ -534,12 +534,12 @@ QUOTED_CHOICES = {
 def quoted_figures(r: int = 8) -> dict[str, Any]:
     """The figures usually quoted for LoRA and QLoRA, recomputed exactly (LLaMA-7B from the ``llama-7b`` preset).
 
-    The quotes: one 4096×4096 layer at r = 8 trains r(d+k) = 65,536 instead of dk = 16,777,216 values (the
-    count of LoRA, Hu et al. 2021, arXiv 2106.09685, §4.1); "~4–8M" LoRA parameters for LLaMA-7B; ~112 GB to fine-tune it fully in fp32 with
-    AdamW; ~4 GB for its weights in NF4 with double quantization (QLoRA, Dettmers et al. 2023, arXiv
-    2305.14314, §3). Returns a dict with ``layer`` (the 4096×4096 layer at rank r), ``counts`` (LoRA parameters
-    per target choice), ``ranks_in_quoted_range`` (ranks at which all seven projections give 4–8M), ``total``,
-    the fp32 memory (full FT and LoRA with AdamW), and the NF4 + double-quant weight bytes.
+    The quotes: one 4096×4096 layer at r = 8 trains r(d+k) = 65,536 instead of dk = 16,777,216 values (the count
+    of LoRA, Hu et al. 2021, arXiv 2106.09685, §4.1); "~4–8M" LoRA parameters for LLaMA-7B; ~112 GB to fine-tune
+    it fully in fp32 with AdamW; ~4 GB for its weights in NF4 with double quantization (QLoRA, Dettmers et al.
+    2023, arXiv 2305.14314, §3). Returns a dict with ``layer`` (the 4096×4096 layer at rank r), ``counts``
+    (LoRA parameters per target choice), ``ranks_in_quoted_range`` (ranks at which all seven projections give
+    4–8M), ``total``, the fp32 memory (full FT and LoRA with AdamW), and the NF4 + double-quant weight bytes.
     """
     config = preset_config("llama-7b")
     model = build_meta_model(config)

@@ -323,8 +323,8 @@ def load_adapter_state(lora_model: LoraModel, adapter_name: str, state: dict[str
             dest = base.get(key, base.get(_peft_alias(key, adapter_name)))
             if dest is not None and id(dest) not in owned_ids:
                 raise AdapterFileError(
-                f"the adapter file holds {key!r}, a tensor of the base model that this adapter does not own; an "
-                "adapter file may only set its own factors, DoRA magnitudes, modules_to_save copies and the biases "
+                    f"the adapter file holds {key!r}, a tensor of the base model that this adapter does not own; an "
+                    "adapter file may only set its own factors, DoRA magnitudes, modules_to_save copies and the biases "
                     "its config trains (bias='all' or 'lora_only'). Nothing was loaded"
                 )
         if dest is None:
