@@ -43,6 +43,41 @@ def quantized_llama(**kw) -> nn.Module:
     return quantize(tiny_llama(**kw), bits=4)
 
 
+def pretend_avx512bf16(monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Make every ``Linear4bit`` built from now on believe its CPU has AVX512-BF16, which bitsandbytes checks
+    once per layer when it builds one (``support_avx512bf16_for_cpu``): an eval forward then repacks the weight
+    for bitsandbytes' CPU kernel (lorakit.layers.quantized), whatever this CPU is.
+
+    Returns:
+        whether this CPU can also run that kernel (where it cannot, tests repack without calling it).
+    """
+    import bitsandbytes.functional as bnbf
+
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: True)
+    return bool(bnbf.has_avx512bf16())
+
+
+@pytest.fixture(params=["this", "avx512bf16"])
+def any_cpu(request, monkeypatch) -> str:
+    """Run the test as this CPU is, and again as on a CPU with AVX512-BF16 (:func:`pretend_avx512bf16`)."""
+    if request.param == "avx512bf16":
+        pretend_avx512bf16(monkeypatch)
+    return request.param
+
+
+def guard_repacking(model: nn.Module) -> nn.Module:
+    """``model`` with bitsandbytes' CPU repacking turned off where it does not suit a layer, as lorakit does for
+    the 4-bit layers it makes or wraps (lorakit.layers.quantized.cpu_repacking_fits). A model plain transformers
+    loads keeps it on: on an AVX512-BF16 CPU its 32-wide layers fail at the first eval forward (``shape '[32, 0]'
+    is invalid``) with no lorakit involved."""
+    from lorakit.layers.quantized import guard_cpu_repacking, is_bnb_layer
+
+    for module in model.modules():
+        if is_bnb_layer(module, "Linear4bit"):
+            guard_cpu_repacking(module)
+    return model
+
+
 def test_quantize_replaces_every_linear_but_the_head():
     model = quantized_llama()
     kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("_proj",))}
@@ -254,7 +289,7 @@ def test_loftq_then_quantize_starts_closer_to_the_full_precision_model():
     assert loftq_gap < 0.8 * plain_gap, (loftq_gap, plain_gap)
 
 
-def test_transformers_4bit_load_trains_and_merges_into_a_plain_model(tmp_path):
+def test_transformers_4bit_load_trains_and_merges_into_a_plain_model(tmp_path, any_cpu):
     """The other way in: from_pretrained(quantization_config=BitsAndBytesConfig(...)), on CPU."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -314,7 +349,7 @@ def test_failed_loftq_injection_restores_the_base_weights():
 
 
 @pytest.mark.parametrize("make, bits", [(tiny_llama, 4), (tiny_gpt2, 4), (tiny_llama, 8)])
-def test_a_quantized_model_saves_pre_quantized_and_plain_transformers_loads_it(tmp_path, make, bits):
+def test_a_quantized_model_saves_pre_quantized_and_plain_transformers_loads_it(tmp_path, make, bits, any_cpu):
     """quantize() records the BitsAndBytesConfig: save_pretrained writes the packed weights and constants, and
     from_pretrained (no lorakit, no quantization arguments) rebuilds the same bitsandbytes layers."""
     from transformers import AutoModelForCausalLM
@@ -324,7 +359,7 @@ def test_a_quantized_model_saves_pre_quantized_and_plain_transformers_loads_it(t
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "q")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval()
+    again = guard_repacking(AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32).eval())
     kinds = {type(m).__name__ for m in again.modules()}
     assert ("Linear4bit" if bits == 4 else "Linear8bitLt") in kinds
     assert type(again.get_output_embeddings()) is nn.Linear  # the head stays full precision

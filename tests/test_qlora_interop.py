@@ -30,7 +30,17 @@ def base_dir(tmp_path):
 def load_base(folder):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from lorakit.layers.quantized import guard_cpu_repacking, is_bnb_layer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # Both libraries compute from the same NF4 bytes in bitsandbytes' reference layout. On a CPU with
+    # AVX512-BF16 an eval forward would repack them for bitsandbytes' CPU kernel (32-wide layers crash in it,
+    # and PEFT 0.21 dequantizes the repacked bytes as if they were not: its DoRA norms come out wrong); that
+    # layout has its own tests in test_kbit_packed.py.
+    for module in model.modules():
+        if is_bnb_layer(module, "Linear4bit"):
+            guard_cpu_repacking(module, allow=False)
+    return model
 
 
 def run(model, ids):

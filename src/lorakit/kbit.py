@@ -1,4 +1,4 @@
-"""Quantized base models for QLoRA (Dettmers et al. 2023, arXiv 2305.14314; seed §5.1), with bitsandbytes.
+"""Quantized base models for QLoRA (Dettmers et al. 2023, arXiv 2305.14314), with bitsandbytes.
 
 Two ways in, both ending with bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` layers that lorakit's adapter
 layers wrap like any linear (:mod:`lorakit.layers.quantized`):
@@ -28,6 +28,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError, MissingDependencyError
 from lorakit.layers import AdapterLayer, LoraLayer, kind_for
+from lorakit.layers.quantized import guard_cpu_repacking, is_bnb_layer
 
 try:
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -86,7 +87,10 @@ def quantize(
         bits: 4 (``Linear4bit``, QLoRA) or 8 (``Linear8bitLt``, LLM.int8() with outlier threshold 6).
         quant_type: 4-bit code, ``"nf4"`` (NormalFloat, the paper's) or ``"fp4"``.
         double_quant: quantize the blocks' absmax constants again (8 bit, blocks of 256).
-        compute_dtype: dtype of the 4-bit layers' matmuls (default: each layer's current dtype).
+        compute_dtype: dtype of the 4-bit layers' matmuls (default: each layer's current dtype). On a CPU with
+            AVX512-BF16, bitsandbytes repacks a 4-bit layer at its first no-grad eval forward for a faster
+            kernel that computes in bf16; lorakit leaves that to layers whose compute dtype is bf16 (and whose
+            shape the kernel takes), see :mod:`lorakit.layers.quantized`.
         skip_modules: names (or name endings) kept in full precision; the output embedding always is.
 
     A model that already holds lorakit adapters (e.g. after a LoftQ initialisation) keeps them in full
@@ -204,6 +208,8 @@ def _quantized(
     if module.bias is not None:
         bias = module.bias.detach().to(dtype if bits == 4 else module.bias.dtype)
         layer.bias = nn.Parameter(bias, requires_grad=False)
+    if bits == 4:
+        guard_cpu_repacking(layer)  # bitsandbytes' CPU repacking: only where it works, saved exactly
     return layer
 
 
@@ -222,6 +228,11 @@ def prepare_model_for_kbit_training(
     Usually called before adapters exist. Called on a model that holds lorakit adapters already (LoftQ
     initialises them before the base is quantized), it leaves whether their parameters train as it was.
 
+    4-bit layers also stay in bitsandbytes' reference layout from then on (put back there if an eval forward
+    had repacked them for the AVX512-BF16 CPU kernel, see :mod:`lorakit.layers.quantized`): that layout is for
+    inference only, and a training forward on it goes through a kernel without a backward (bitsandbytes
+    warns; the gradients of every adapter before the layer are silently lost, or a layer with a bias fails).
+
     Returns:
         ``model`` itself.
     """
@@ -235,6 +246,9 @@ def prepare_model_for_kbit_training(
     for param in model.parameters():
         if id(param) not in adapters:
             param.requires_grad_(False)
+    for module in model.modules():
+        if is_bnb_layer(module, "Linear4bit"):
+            guard_cpu_repacking(module, allow=False)
     for param in model.parameters():
         if type(param).__name__ in ("Params4bit", "Int8Params"):
             continue  # quantized storage stays as it is

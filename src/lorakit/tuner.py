@@ -29,6 +29,7 @@ from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_f
 from lorakit.layers.kinds import supported_type_names
 from lorakit.layers.lora import ActiveAdapters
 from lorakit.layers.mixed import BASE_ROW, RowRouting, routed
+from lorakit.layers.quantized import guard_model_repacking
 from lorakit.targeting import is_module_to_save, pattern_value, select_targets
 
 
@@ -186,6 +187,7 @@ class LoraModel(nn.Module):
                     kind.base_weight(module.base_layer if isinstance(module, LoraLayer) else module).copy_(weight)
             raise
         self._freeze_all()
+        guard_model_repacking(self.model)
         self.set_adapter([a for a in self.active_adapters if a in self.peft_config])
 
     def _check_config_type(self, config: LoraConfig) -> None:

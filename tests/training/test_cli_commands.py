@@ -148,6 +148,11 @@ def test_merge_requantize_saves_a_4bit_model_and_reports_the_drift(tmp_path, mod
     printed = capsys.readouterr().out
     assert "requantized to 4-bit nf4" in printed and "linear layers in 4 bit" in printed
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # no lorakit: the config says how
+    # On an AVX512-BF16 CPU, bitsandbytes' own eval kernel fails on this tiny model's 32-wide layers (a
+    # bitsandbytes limit, not lorakit's: real models' widths are multiples of 64); compute with its reference one.
+    for module in reloaded.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
     assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert type(reloaded.lm_head) is torch.nn.Linear
 

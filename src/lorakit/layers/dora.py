@@ -1,4 +1,4 @@
-"""DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353; seed §5.3).
+"""DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353).
 
 The adapted weight is ``W' = m ⊙ V / ‖V‖_c`` with ``V = W + s·BA`` (paper eq. 5): a trainable magnitude m
 (one entry per row of W in PyTorch's ``(out, in)`` layout, initialised to ‖W + s·BA‖_c, so the model starts
