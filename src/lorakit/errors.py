@@ -60,6 +60,10 @@ class DataError(LorakitError, ValueError):
     """A training or evaluation data file that cannot be used (the message names the file and the row)."""
 
 
+class TrainingDivergedError(LorakitError, FloatingPointError):
+    """The loss or the trained weights became NaN or infinite; nothing from that step was saved."""
+
+
 def suggest(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """A ``"; did you mean ...?"`` suffix listing the candidates closest to ``name`` (empty if none)."""
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=n, cutoff=0.5)

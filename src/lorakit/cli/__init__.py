@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``.
 Errors lorakit raises on purpose (:class:`~lorakit.errors.LorakitError`) are printed as one clear message
-with exit status 1; usage errors exit with 2 (argparse); Ctrl-C exits with 130.
+with exit status 1; usage errors exit with 2 (argparse). A signal that stops a command exits with 128 + its
+number, as shells report it: Ctrl-C (SIGINT) 130, SIGTERM 143 (``lorakit train`` first writes a checkpoint).
 """
 
 from __future__ import annotations

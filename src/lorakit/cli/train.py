@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 from typing import Any
 
 EXAMPLES = """\
@@ -29,7 +30,7 @@ examples:
   # settings from a YAML file; flags override it
   lorakit train --config run.yaml --lr 5e-4
 
-  # continue an interrupted run (Ctrl-C writes a checkpoint) to the same result
+  # continue an interrupted run (Ctrl-C or SIGTERM writes a checkpoint) to the same result
   lorakit train --output runs/dates --resume
 
   # two processes (DDP; gloo on CPU, nccl on GPUs): the same adapter as one process at the same global batch
@@ -37,7 +38,10 @@ examples:
 
 The global batch per optimizer step is batch-size x grad-accum x number of processes.
 Writes into --output: adapter_config.json + adapter_model.safetensors (PEFT format), metrics.json, loss.png,
-checkpoints/step-N/ (adapter, optimizer, scheduler and RNG state).
+checkpoints/step-N/ (adapter, optimizer, scheduler and RNG state, in JSON and safetensors). An --output
+already holding those is refused unless --overwrite (which replaces only them) or --resume; one that is or
+holds the model or data is refused, and so is a second run writing into the same --output at the same time.
+A run whose loss or weights become NaN/Inf stops with an error and saves nothing from that step.
 """
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
@@ -156,7 +160,12 @@ def add_parser(sub: Any) -> None:
         default=S,
         help="continue from the newest checkpoint in --output, or from the checkpoint folder given",
     )
-    g.add_argument("--overwrite", action="store_true", default=S, help="replace an adapter already in --output")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=S,
+        help="replace what an earlier run wrote into --output (its adapter, metrics, plot, checkpoints; nothing else)",
+    )
     g.add_argument("--eval-limit", dest="eval_limit", type=int, default=S, help="eval rows used (100)")
     g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=S, help="eval generation length (16)")
     g.add_argument("--samples", type=int, default=S, help="sample generations printed (4)")
@@ -187,4 +196,6 @@ def run(args: argparse.Namespace) -> int:
         overrides["target_modules"] = parse_targets(overrides["target_modules"])
     cfg = TrainConfig.from_sources(args.config, overrides)
     result = train(cfg, progress=not args.no_progress)
-    return 130 if result.interrupted else 0
+    if result.interrupted:  # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
+        return 128 + int(result.stop_signal or signal.SIGINT)
+    return 0

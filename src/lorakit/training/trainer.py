@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import lorakit.cpu_blas as cpu_blas
 from lorakit.config import AdaLoraConfig, LoraConfig, TaskType
-from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError
+from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, TrainingDivergedError
 from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
 from lorakit.kbit import (
@@ -45,10 +45,12 @@ from lorakit.targeting import select_targets
 from lorakit.tasks import get_peft_model
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
+from lorakit.training import resume
 from lorakit.training.allocator import keep_freed_memory
 from lorakit.training.config import TrainConfig
 from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
 from lorakit.training.evaluate import exact_match
+from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
 
 METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
@@ -69,28 +71,39 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: Path | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    stop_signal: int | None = None  #: the signal that interrupted the run (SIGINT, SIGTERM)
 
 
 class _StopFlag:
-    """Ctrl-C sets a flag checked between optimizer steps; a second Ctrl-C interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (schedulers, ``docker stop``) sets a flag checked between optimizer steps.
+
+    A second signal interrupts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> _StopFlag:
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.signum is not None:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -102,31 +115,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
 
 
-def prepare_output(cfg: TrainConfig) -> Path:
-    """Create ``cfg.output`` and check it is writable; refuse to clobber an adapter unless asked.
-
-    Raises:
-        AdapterFileError: the folder cannot be created or written, or it holds an adapter and neither
-            ``overwrite`` nor ``resume`` was given.
-    """
-    out = Path(cfg.output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise AdapterFileError(f"--output {out} is a file; give a folder")
-    if (out / "adapter_config.json").exists() and not (cfg.overwrite or cfg.resume):
-        raise AdapterFileError(
-            f"--output {out} already holds an adapter; pass --overwrite to replace it (it is replaced only "
-            f"when the new one is complete), --resume to continue its run, or choose another folder"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".lorakit-write-test", "w") as fh:
-            fh.write("ok")
-        (out / ".lorakit-write-test").unlink()
-    except OSError as exc:
-        raise AdapterFileError(f"--output {out} is not writable: {exc.strerror or exc}") from exc
-    return out
-
-
 class Trainer:
     """Runs one :class:`TrainConfig`. ``log`` receives human-readable lines (rank 0 only)."""
 
@@ -135,6 +123,7 @@ class Trainer:
         self.world = dist_utils.setup(cfg.device)
         self._log = log
         self.progress = progress
+        self._held: contextlib.ExitStack | None = None  # what run() holds until it ends (the output's lock)
 
     def log(self, text: str) -> None:
         if self.world.is_main:
@@ -147,7 +136,7 @@ class Trainer:
         self.output, error = Path(cfg.output).expanduser(), None
         if world.is_main:
             try:
-                self.output = prepare_output(cfg)
+                self.output = prepare_output(cfg, self._held)
             except LorakitError as exc:
                 error = exc
         error = dist_utils.broadcast_object(world, error)  # every process stops, none waits at a barrier
@@ -310,6 +299,10 @@ class Trainer:
                 (loss * (self.world.size / max(n_tok, 1))).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        loss_sum, tokens = dist_utils.all_sum(self.world, [loss_sum, float(tokens)])
+        if not math.isfinite(loss_sum):  # before the update: the weights stay those of the last good step
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"the loss is {loss_sum / max(n_tok, 1)}")
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
@@ -317,8 +310,22 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, tokens = dist_utils.all_sum(self.world, [loss_sum, float(tokens)])
         return loss_sum / max(n_tok, 1), int(tokens)
+
+    def _diverged(self, step: int, what: str) -> TrainingDivergedError:
+        found = ckpt.list_checkpoints(self.output)
+        kept = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written before it"
+        return TrainingDivergedError(
+            f"training diverged at step {step} of {self.total_steps}: {what}; nothing from this step was saved, "
+            f"{kept}, and --output keeps the adapter it held before (if any). Lower --lr (now "
+            f"{self.cfg.learning_rate:g}), add --warmup-steps, or lower --max-grad-norm, and start a new run"
+        )
+
+    def _check_finite_weights(self, step: int) -> None:
+        """Refuse to save trained weights holding NaN or Inf (a divergence the loss did not show yet)."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p).all()):
+                raise self._diverged(step, f"the trained weight {name} holds NaN or Inf")
 
     def _loss_sum(self, net: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ cross-entropy over the supervised next-token targets of a micro-batch.
@@ -341,6 +348,7 @@ class Trainer:
         )
 
     def _save_checkpoint(self, step: int, history: list[dict[str, Any]]) -> Path | None:
+        self._check_finite_weights(step)  # every process holds the same weights: all stop together
         states = dist_utils.gather_objects(self.world, ckpt.rng_state())
         path = None
         if self.world.is_main:
@@ -360,21 +368,20 @@ class Trainer:
                 "checkpoint folder holds a loadable adapter with the ranks kept so far"
             )
         folder = ckpt.find_resume_checkpoint(Path(self.cfg.output).expanduser(), self.cfg.resume)
-        state = ckpt.load_checkpoint(folder, self.model)
+        state = resume.read_checkpoint(folder)  # every file checked; nothing loaded yet
         # settings added after a checkpoint was written take their default (the behaviour it was trained with)
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in RESUME_KEYS}
-        saved = {**defaults, **state["info"]["settings"]}
-        ckpt.check_compatible(saved, self._facts(), RESUME_KEYS)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        if len(rng) != self.world.size:
+        saved = {**defaults, **state.info["settings"]}
+        resume.check_compatible(saved, self._facts(), RESUME_KEYS)
+        if state.step > self.total_steps:
+            raise AdapterFileError(f"checkpoint {folder} is at step {state.step}, past this run's {self.total_steps}")
+        if len(state.rng) != self.world.size:
             raise ConfigError(
-                f"checkpoint {folder} was written by {len(rng)} processes; this run has {self.world.size}"
+                f"checkpoint {folder} was written by {len(state.rng)} processes; this run has {self.world.size}"
             )
-        ckpt.set_rng_state(rng[self.world.rank])
-        self.log(f"resumed from {folder} at step {state['step']}")
-        return state["step"], list(state["info"].get("history", []))
+        resume.restore_checkpoint(state, self.model, self.optimizer, self.scheduler, self.world.rank)
+        self.log(f"resumed from {folder} at step {state.step}")
+        return state.step, list(state.info["history"])
 
     def _evaluate(self, label: str) -> Any:
         if not self.eval_set or not self.world.is_main:
@@ -392,8 +399,10 @@ class Trainer:
         return result
 
     def run(self) -> TrainResult:
+        """Train; the output folder stays locked (:data:`~lorakit.training.output.LOCK_NAME`) until the run ends."""
         try:
-            return self._run()
+            with contextlib.ExitStack() as self._held:
+                return self._run()
         finally:
             dist_utils.teardown(self.world)
 
@@ -424,6 +433,10 @@ class Trainer:
         t_start = time.perf_counter()
         interrupted, last_ckpt, step = False, None, start
         with _StopFlag() as stop:
+            self.log(
+                f"training steps {start + 1}-{self.total_steps} (global batch {self.global_batch}); Ctrl-C or "
+                "SIGTERM stops at the next step with a checkpoint"
+            )
             while step < self.total_steps:
                 t0 = time.perf_counter()
                 loss, tokens = self._step(step, net)
@@ -449,8 +462,9 @@ class Trainer:
             self.log(
                 f"continue with the same command plus --resume (it resumes from {last_ckpt.name if last_ckpt else '?'})"
             )
-            return TrainResult(self.output, step, interrupted=True, checkpoint=last_ckpt)
+            return TrainResult(self.output, step, interrupted=True, checkpoint=last_ckpt, stop_signal=stop.signum)
 
+        self._check_finite_weights(step)
         if world.is_main:
             self._save_final()
         dist_utils.barrier(world)
