@@ -296,3 +296,26 @@ def test_exclusive_lock_refuses_a_second_holder(tmp_path):
                 pass
     with lkio.exclusive_lock(lock, "job three"):  # released
         pass
+
+
+def test_a_save_killed_just_before_a_reader_locks_is_completed_not_deadlocked(tmp_path, monkeypatch):
+    """The journal of a save killed between a reader's recovery and its lock is completed by that reader."""
+    folder = tmp_path / "adapter"
+    marked_model(1.0).save_pretrained(folder)
+    die_at("journal written", lambda: marked_model(2.0).save_pretrained(folder))
+    real, calls = lkio.recover_folder, []
+
+    def late(path):  # the first recovery happens "before" the kill: it finds nothing yet
+        calls.append(path)
+        if len(calls) > 1:
+            real(path)
+
+    monkeypatch.setattr(lkio, "recover_folder", late)
+    result: list = []
+    reader = threading.Thread(target=lambda: result.append(PeftModel.from_pretrained(tiny_llama(), folder)))
+    reader.daemon = True
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the reader deadlocked on its own shared lock"
+    assert result and result[0].peft_config["default"].lora_alpha == 2.0
+    assert read_mark(folder) == 2.0

@@ -144,10 +144,16 @@ def reading_folder(folder: str | os.PathLike) -> Iterator[None]:
     if not os.path.isdir(folder):
         yield
         return
-    recover_folder(folder)
     with contextlib.ExitStack() as stack:
-        with contextlib.suppress(OSError):  # a folder we may not open for locking: read without the lock
-            stack.enter_context(_flock(folder, shared=True))
+        while True:
+            recover_folder(folder)
+            with contextlib.suppress(OSError):  # a folder we may not open for locking: read without the lock
+                stack.enter_context(_flock(folder, shared=True))
+            # a save killed between our recovery and our lock leaves a journal: release, complete it, retry
+            # (while we hold the shared lock no save can start, so none appears after this check)
+            if not os.path.exists(os.path.join(folder, JOURNAL_NAME)):
+                break
+            stack.close()
         yield
 
 
