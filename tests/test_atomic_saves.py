@@ -319,3 +319,12 @@ def test_a_save_killed_just_before_a_reader_locks_is_completed_not_deadlocked(tm
     assert not reader.is_alive(), "the reader deadlocked on its own shared lock"
     assert result and result[0].peft_config["default"].lora_alpha == 2.0
     assert read_mark(folder) == 2.0
+
+
+def test_saved_files_get_the_mode_a_plain_write_gives(tmp_path):
+    folder = tmp_path / "adapter"
+    marked_model(1.0).save_pretrained(folder)
+    (tmp_path / "plain").write_text("x")
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (folder / name).stat().st_mode & 0o777 == expected, name

@@ -46,6 +46,16 @@ def crash_point(label: str) -> None:
     """Called between the file operations of every save; tests replace it to kill a save at each point."""
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (0666 less the umask): temporary files start as 0600."""
+    try:
+        with open("/proc/self/status") as fh:  # reading the umask without setting it (os.umask is process-wide)
+            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
 def _fsync_path(path: str) -> None:
     with contextlib.suppress(OSError):  # not every file system lets a folder be fsync'ed
         fd = os.open(path, os.O_RDONLY)
@@ -242,12 +252,14 @@ def atomic_write_files(
         crash_point("locked")
         _roll_forward(folder)
         staged: list[tuple[str, str]] = []
+        mode = _file_mode()
         try:
             for name, write in writers.items():
                 fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TMP_SUFFIX, dir=folder)
                 os.close(fd)
                 staged.append((os.path.basename(tmp), name))
                 write(tmp)
+                os.chmod(tmp, mode)
                 _fsync_path(tmp)
                 crash_point(f"staged {name}")
             journal = json.dumps({"renames": staged, "removals": list(removals)}).encode()
