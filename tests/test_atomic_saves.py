@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_llama
+from conftest import input_ids, tiny_llama
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit import io as lkio
 from lorakit.errors import AdapterFileError
@@ -191,7 +191,7 @@ def test_two_threads_saving_to_one_folder_never_mix_config_and_weights(tmp_path)
 SAVE_LOOP = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from conftest import tiny_llama
+from conftest import input_ids, tiny_llama
 from lorakit import LoraConfig, get_peft_model
 alpha = float(sys.argv[1])
 model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=alpha, target_modules=["q_proj"]))
@@ -328,3 +328,39 @@ def test_saved_files_get_the_mode_a_plain_write_gives(tmp_path):
     expected = (tmp_path / "plain").stat().st_mode & 0o777
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (folder / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_a_checkpoint_save_killed_at_any_point_leaves_complete_checkpoints(tmp_path, monkeypatch):
+    from lorakit.training import checkpoint as ckpt
+    from lorakit.training.resume import read_checkpoint
+
+    model = marked_model(1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model(input_ids()).logits.sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    def save(step):
+        info = {"settings": {}, "history": [{"step": i + 1, "loss": 1.0} for i in range(step)]}
+        return ckpt.save_checkpoint(tmp_path, step, model, optimizer, scheduler, [ckpt.rng_state()], info, keep=2)
+
+    save(1)
+    save(2)
+    seen: list[str] = []
+    monkeypatch.setattr(lkio, "crash_point", seen.append)
+    save(3)  # with two kept already: one is deleted
+    monkeypatch.undo()
+    assert {"folder filled", "journal written", "old checkpoint aside"} <= set(seen)  # adapter, swap, deletion
+    for i, point in enumerate(dict.fromkeys(seen)):
+        step = 10 + 2 * i
+        save(step)
+        die_at(point, lambda s=step: save(s + 1))
+        for found_step, folder in ckpt.list_checkpoints(tmp_path):  # only whole checkpoints carry a step name
+            assert read_checkpoint(folder).step == found_step, point
+        assert ckpt.list_checkpoints(tmp_path)[-1][0] in (step, step + 1)
+        save(step + 2)  # the next save cleans up after the killed one
+        names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+        assert names == [f"step-{step + 1:08d}", f"step-{step + 2:08d}"] or names == [
+            f"step-{step:08d}",
+            f"step-{step + 2:08d}",
+        ], (point, names)

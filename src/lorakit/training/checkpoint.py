@@ -28,6 +28,7 @@ checkpoints intact and never a half checkpoint that a resume would pick up.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+import lorakit.io as lorakit_io
 from lorakit.errors import AdapterFileError
 from lorakit.io import atomic_write_dir
 
@@ -204,9 +206,17 @@ def save_checkpoint(
         (tmp / STATE_JSON).write_text(_dumps(doc), encoding="utf-8")
 
     atomic_write_dir(target, fill)
+    root = Path(output) / CHECKPOINTS
+    # what killed saves or deletions left (the run holds --output's lock: no other writer is at work here)
+    for leftover in root.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     if keep is not None and keep > 0:
         for _, old in list_checkpoints(output)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed aside first: a kill mid-deletion leaves a hidden folder, never a half checkpoint by its name
+            aside = root / f".{old.name}.old-deleting"
+            os.replace(old, aside)
+            lorakit_io.crash_point("old checkpoint aside")
+            shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
