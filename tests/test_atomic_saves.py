@@ -340,6 +340,7 @@ def test_a_checkpoint_save_killed_at_any_point_leaves_complete_checkpoints(tmp_p
     model(input_ids()).logits.sum().backward()
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
     def save(step):
         info = {"settings": {}, "history": [{"step": i + 1, "loss": 1.0} for i in range(step)]}
         return ckpt.save_checkpoint(tmp_path, step, model, optimizer, scheduler, [ckpt.rng_state()], info, keep=2)
