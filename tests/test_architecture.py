@@ -16,6 +16,7 @@ RANK = {
     "lorakit.cpu_blas": 0,
     "lorakit.io": 1,
     "lorakit.config": 2,
+    "lorakit.tuners": 2,  # the methods' rooms: configs (rank 2) so far
     "lorakit.layers": 3,
     "lorakit.targeting": 4,
     "lorakit.kbit": 4,
@@ -88,3 +89,50 @@ def test_import_lorakit_does_not_load_peft():
 def test_files_stay_small():
     big = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
     assert not big, f"files over 600 lines (probably two ideas): {big}"
+
+
+GENERIC = ["lorakit.config", "lorakit.model"]
+METHODS = ("lorakit.tuners.", "lorakit.tuner", "lorakit.adalora")
+
+
+def test_the_generic_level_imports_no_method():
+    """Registries point up: a method registers itself; config.py and model.py never import one."""
+    for name in GENERIC:
+        path = SRC.parent / (name.replace(".", "/") + ".py")
+        found = [i for i in runtime_imports(ast.parse(path.read_text())) if i.startswith(METHODS)]
+        assert not found, f"{name} imports {found}"
+
+
+def test_a_method_is_a_config_and_a_tuner_registered_in_one_line(monkeypatch):
+    """The generic level builds whatever method a config names: the file's peft_type picks the config class,
+    the config picks the tuner (here a toy method that registers without touching lorakit's code)."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from torch import nn
+
+    import lorakit.config as config_module
+    from conftest import input_ids, tiny_llama
+    from lorakit import PeftConfig, PeftModel, PeftType
+
+    @dataclass
+    class ToyConfig(PeftConfig):
+        PEFT_TYPE: ClassVar[PeftType] = PeftType.VERA
+        scale: float = 2.0
+
+    class ToyTuner(nn.Module):  # the smallest tuner: it only wraps the model
+        def __init__(self, model, peft_config, adapter_name, autocast_adapter_dtype=True):
+            super().__init__()
+            self.model, self.peft_config, self.active_adapters = model, peft_config, [adapter_name]
+
+        def forward(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+    monkeypatch.setattr(config_module, "_METHODS", dict(config_module._METHODS))  # undone after the test
+    config_module.register_method(ToyConfig, ToyTuner)  # the one line a method adds
+
+    config = PeftConfig.from_dict({"peft_type": "VERA", "scale": 3.0, "task_type": "CAUSAL_LM"})
+    assert type(config) is ToyConfig and config.scale == 3.0
+    model = PeftModel(tiny_llama(), config)
+    assert type(model.base_model) is ToyTuner
+    assert model(input_ids()).logits.shape[-1] == 96

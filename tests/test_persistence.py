@@ -161,15 +161,15 @@ def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch):
     path, _ = saved
     before = {n: (path / n).read_bytes() for n in os.listdir(path)}
     model = get_peft_model(tiny_llama(seed=5), lora(r=2))
-    real = persistence.LoraConfig.to_json
+    real = LoraConfig.to_json
 
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(persistence.LoraConfig, "to_json", interrupted)
+    monkeypatch.setattr(LoraConfig, "to_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(path)
-    monkeypatch.setattr(persistence.LoraConfig, "to_json", real)
+    monkeypatch.setattr(LoraConfig, "to_json", real)
     assert {n: (path / n).read_bytes() for n in os.listdir(path)} == before
 
 

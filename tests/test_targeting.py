@@ -6,8 +6,9 @@ import pytest
 
 from conftest import tiny_gpt2, tiny_llama
 from lorakit import ConfigError, LoraConfig, TargetNotFoundError, get_peft_model
+from lorakit.config import pattern_value
 from lorakit.layers import LoraLayer
-from lorakit.targeting import layer_index, matches_selector, pattern_value, select_targets
+from lorakit.targeting import layer_index, matches_selector, select_targets
 
 
 def adapted(model) -> list[str]:

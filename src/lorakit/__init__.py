@@ -7,7 +7,7 @@ Replace ``peft`` with ``lorakit`` in your imports::
 
 from lorakit import cpu_blas
 from lorakit.adalora import AdaLoraModel
-from lorakit.config import AdaLoraConfig, LoraConfig, PeftType, TaskType
+from lorakit.config import PeftConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -33,6 +33,8 @@ from lorakit.tasks import (
     get_peft_model,
 )
 from lorakit.tuner import LoraModel
+from lorakit.tuners.adalora import AdaLoraConfig
+from lorakit.tuners.lora import LoraConfig
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,7 @@ __all__ = [
     "AdapterNotFoundError",
     "ConfigError",
     "LoraConfig",
+    "PeftConfig",
     "LoraLayer",
     "LoraModel",
     "LorakitError",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import weakref
 from typing import Any
 
@@ -29,12 +30,14 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from lorakit.config import AdaLoraConfig, LoraConfig, PeftType
+from lorakit.config import PeftType, register_method
 from lorakit.errors import ConfigError
 from lorakit.io import atomic_write_bytes
 from lorakit.layers import LoraLayer
 from lorakit.layers.adalora import truncate
 from lorakit.tuner import LoraModel
+from lorakit.tuners.adalora.config import AdaLoraConfig
+from lorakit.tuners.lora.config import LoraConfig
 
 
 def budget_schedule(config: AdaLoraConfig, init_budget: int, target_budget: int, step: int) -> tuple[int, bool]:
@@ -125,6 +128,10 @@ class RankAllocator:
             if mask is not None and len(mask) == e.shape[0]:
                 keep = torch.tensor(mask, dtype=torch.bool, device=e.device)
                 e.masked_fill_(~keep.view(-1, 1), 0.0)
+
+
+#: The heatmap of kept ranks written next to a trained AdaLoRA adapter.
+RANKS_PLOT = "adalora_ranks.png"
 
 
 class AdaLoraModel(LoraModel):
@@ -392,6 +399,11 @@ class AdaLoraModel(LoraModel):
         )
         return lora, tensors
 
+    def after_save(self, adapter_name: str, config: LoraConfig, folder: str) -> None:
+        """Beside a trained adapter (one with a ``rank_pattern``): the heatmap of its kept ranks (``RANKS_PLOT``)."""
+        if config.rank_pattern:
+            self.plot_ranks(os.path.join(folder, RANKS_PLOT), adapter_name)
+
     def plot_ranks(self, path: str, adapter_name: str | None = None) -> str:
         """A heatmap PNG of the kept rank per layer (rows) and module (columns); returns ``path``."""
         import matplotlib
@@ -439,3 +451,6 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[list[float]], list[str], list
     col_names = list(cols)
     grid = [[float(cells.get((i, c), math.nan)) for c in col_names] for i in row_names]
     return grid, row_names, col_names
+
+
+register_method(AdaLoraConfig, AdaLoraModel)

@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import TASK_HEADS, LoraConfig, TaskType
+from lorakit.config import TASK_HEADS, TaskType, pattern_value
 from lorakit.errors import ConfigError, MissingDependencyError, ModelNotFoundError, UnsupportedModuleError, suggest
 from lorakit.hub import DEFAULT_ALIASES, DEFAULT_MODEL, resolve_model
 from lorakit.layers import kind_for
 from lorakit.layers.kinds import HFConv1D, supported_type_names
-from lorakit.targeting import is_module_to_save, pattern_value, select_targets
+from lorakit.targeting import is_module_to_save, select_targets
+from lorakit.tuners.lora import LoraConfig
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -17,21 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.adalora import AdaLoraModel
-from lorakit.config import TASK_HEADS, LoraConfig, PeftType
+from lorakit.config import TASK_HEADS, PeftConfig, PeftType, method_for
 from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
-from lorakit.layers.kinds import HFConv1DKind
 from lorakit.layers.mixed import BASE_ROW
 from lorakit.persistence import load_adapter_state, module_key, read_adapter, save_adapter, write_adapter
-from lorakit.targeting import ALL_LINEAR, all_linear_suffixes
-from lorakit.tuner import LoraModel
-
-#: The heatmap of kept ranks written next to a trained AdaLoRA adapter.
-RANKS_PLOT = "adalora_ranks.png"
 
 
 class PeftModel(nn.Module):
-    """A base model with LoRA adapters.
+    """A base model with adapters of one method (whichever its config's ``peft_type`` registered).
 
     Args:
         model: the base model; it is modified in place (adapter layers are inserted into it).
@@ -40,25 +32,24 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: keep adapters in fp32 when the base is fp16/bf16 (as PEFT does).
 
     Attributes:
-        base_model: the :class:`~lorakit.tuner.LoraModel`; ``base_model.model`` is the original model.
-        peft_config: adapter name -> :class:`LoraConfig`.
+        base_model: the method's tuner (for LoRA :class:`~lorakit.tuner.LoraModel`); ``base_model.model`` is the
+            original model.
+        peft_config: adapter name -> config.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        peft_config: LoraConfig,
+        peft_config: PeftConfig,
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(peft_config, LoraConfig):
-            raise ConfigError(f"peft_config is a {type(peft_config).__name__}; lorakit accepts a lorakit.LoraConfig")
+        tuner = method_for(peft_config).tuner
         _check_adapter_name(adapter_name)
         peft_config = _with_task_defaults(model, peft_config)
-        self.peft_config: dict[str, LoraConfig] = {adapter_name: peft_config}
-        tuner = AdaLoraModel if peft_config.peft_type == PeftType.ADALORA else LoraModel
+        self.peft_config: dict[str, PeftConfig] = {adapter_name: peft_config}
         self.base_model = tuner(model, self.peft_config, adapter_name, autocast_adapter_dtype)
         if _is_checkpointing(model):
             self._enable_input_grads()
@@ -94,12 +85,12 @@ class PeftModel(nn.Module):
         return list(self.base_model.active_adapters)
 
     @property
-    def active_peft_config(self) -> LoraConfig:
+    def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter]
 
     # -- adapters -------------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new adapter (not made active; call :meth:`set_adapter`).
 
         Raises:
@@ -111,8 +102,7 @@ class PeftModel(nn.Module):
             raise AdapterExistsError(
                 f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first or pick another name"
             )
-        if not isinstance(peft_config, LoraConfig):
-            raise ConfigError(f"peft_config is a {type(peft_config).__name__}; lorakit accepts a lorakit.LoraConfig")
+        method_for(peft_config)  # a lorakit method's config (the tuner refuses a second method)
         peft_config = _with_task_defaults(self.base_model.model, peft_config)
         self.peft_config[adapter_name] = peft_config
         try:
@@ -290,28 +280,25 @@ class PeftModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = base_name_or_path(self.get_base_model())
             config.inference_mode = True
-            if self._wraps_conv1d(name):
-                config.fan_in_fan_out = True  # what PEFT writes for transformers' Conv1D; only the file's copy changes
-            if config.target_modules == ALL_LINEAR:  # PEFT writes the expanded names (readers such as vLLM check them)
-                config.target_modules = all_linear_suffixes(self.get_base_model())
+            config = self.base_model.file_config(name, config)  # what the method writes differently from memory
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers)
-            if isinstance(self.base_model, AdaLoraModel) and config.rank_pattern:
-                self.base_model.plot_ranks(os.path.join(folder, RANKS_PLOT), name)
+            self.base_model.after_save(name, config, folder)
 
-    def export_lora(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> LoraConfig:
+    def export_lora(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> PeftConfig:
         """Write an AdaLoRA adapter as the plain LoRA adapter with the same update (PEFT's LoRA format).
 
         Each module keeps the rank AdaLoRA left it (``rank_pattern`` where it differs from the most common);
         modules left with no rank are dropped. Loads in lorakit and PEFT on the same base with the same outputs.
 
         Returns:
-            the written :class:`LoraConfig`.
+            the written LoRA config.
 
         Raises:
             ConfigError: the model holds no AdaLoRA adapter, or it kept no rank anywhere.
         """
-        if not isinstance(self.base_model, AdaLoraModel):
+        lora_equivalent = getattr(type(self.base_model), "lora_equivalent", None)
+        if lora_equivalent is None:
             raise ConfigError("export_lora converts AdaLoRA adapters; this model's adapters are plain LoRA already")
         config, tensors = self.base_model.lora_equivalent(adapter_name)
         if config.base_model_name_or_path is None:
@@ -321,12 +308,6 @@ class PeftModel(nn.Module):
         write_adapter(save_directory, state, config)
         return config
 
-    def _wraps_conv1d(self, adapter_name: str) -> bool:
-        return any(
-            isinstance(layer.kind, HFConv1DKind) and adapter_name in layer.r
-            for _, layer in self.base_model.lora_layers()
-        )
-
     @classmethod
     def from_pretrained(
         cls,
@@ -334,7 +315,7 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
-        config: LoraConfig | None = None,
+        config: PeftConfig | None = None,
         autocast_adapter_dtype: bool = True,
         subfolder: str | None = None,
         **kwargs: Any,
@@ -354,14 +335,14 @@ class PeftModel(nn.Module):
 
         model_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, cls) if cls is PeftModel else cls
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        loading = config.for_loading()
         try:
-            peft_model = model_cls(
-                model, _for_loading(config), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
-            )
+            peft_model = model_cls(model, loading, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         except BaseException:
             _restore_requires_grad(model, requires_grad)
             raise
-        peft_model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+        if loading is not config:  # the adapter keeps the config it was saved with
+            peft_model.peft_config[adapter_name] = _with_task_defaults(model, config)
         try:
             load_adapter_state(peft_model.base_model, adapter_name, state)
         except BaseException:
@@ -391,8 +372,10 @@ class PeftModel(nn.Module):
         """
         config, state = read_adapter(model_id, subfolder=subfolder)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, _for_loading(config))
-        self.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+        loading = config.for_loading()
+        self.add_adapter(adapter_name, loading)
+        if loading is not config:  # the adapter keeps the config it was saved with
+            self.peft_config[adapter_name] = _with_task_defaults(self.get_base_model(), config)
         try:
             load_adapter_state(self.base_model, adapter_name, state)
         except BaseException:
@@ -433,7 +416,7 @@ class PeftModel(nn.Module):
         return self.base_model.rows_routed(adapter_names, batch)
 
 
-def _with_task_defaults(model: nn.Module, config: LoraConfig) -> LoraConfig:
+def _with_task_defaults(model: nn.Module, config: PeftConfig) -> PeftConfig:
     heads = TASK_HEADS.get(config.task_type)
     if heads:
         current = list(config.modules_to_save or [])
@@ -489,14 +472,6 @@ def _is_checkpointing(model: nn.Module) -> bool:
         if hasattr(type(model), attr):
             return bool(getattr(model, attr))
     return False
-
-
-def _for_loading(config: LoraConfig) -> LoraConfig:
-    """The config a load injects with. The file's weights replace whatever the init chose, and an init that
-    rewrites the base (LoftQ writes Q into it) must not run: the base is the one the adapter was trained on."""
-    if config.init_lora_weights != "loftq":
-        return config
-    return dataclasses.replace(config, init_lora_weights=True)
 
 
 def _restore_requires_grad(model: nn.Module, flags: dict[int, bool]) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.config import CONFIG_NAME, PeftConfig
 from lorakit.errors import AdapterFileError, ShapeMismatchError
 from lorakit.io import atomic_write_files, reading_folder, resolve_adapter_file
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
@@ -117,7 +117,7 @@ def save_adapter(
     lora_model: LoraModel,
     adapter_name: str,
     directory: str | os.PathLike,
-    config: LoraConfig,
+    config: PeftConfig,
     safe_serialization: bool = True,
     save_embedding_layers: bool | str = "auto",
 ) -> None:
@@ -141,7 +141,7 @@ def save_adapter(
 
 
 def write_adapter(
-    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: LoraConfig, safe_serialization: bool = True
+    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: PeftConfig, safe_serialization: bool = True
 ) -> None:
     """Write ``tensors`` (file key -> tensor) and ``config`` into ``directory``, both replaced atomically.
 
@@ -213,13 +213,13 @@ def read_adapter_weights(path: str | os.PathLike, subfolder: str | None = None) 
 
 
 def read_adapter(
-    path: str | os.PathLike, subfolder: str | None = None, config: LoraConfig | None = None
-) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    path: str | os.PathLike, subfolder: str | None = None, config: PeftConfig | None = None
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """An adapter folder's config (unless given) and weights, read as one consistent pair.
 
     The folder is read under a shared lock, so a concurrent save (which holds it exclusively) is never seen
     half-way: the config and the weights come from the same save. The ranks the config asks for are checked
-    against the file's tensors before anything is built from them (:func:`check_ranks_fit`).
+    against the file's tensors before anything is built from them (the config's ``check_file``).
 
     Raises:
         AdapterFileError: missing, unreadable or corrupt files.
@@ -229,53 +229,10 @@ def read_adapter(
     folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
     with reading_folder(folder):
         if config is None:
-            config = LoraConfig.from_pretrained(path, subfolder=subfolder)
+            config = PeftConfig.from_pretrained(path, subfolder=subfolder)
         state = read_adapter_weights(path, subfolder=subfolder)
-    check_ranks_fit(config, state)
+    config.check_file(state)
     return config, state
-
-
-_RANK_KEYS = (".lora_A.weight", ".lora_embedding_A")
-
-
-def check_ranks_fit(config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
-    """Refuse a config whose ranks disagree with the factors in ``state`` (before any layer is allocated).
-
-    A LoRA factor A has the rank as its first dimension (``(r, in)``, ``(r, in, k, k)``, embeddings ``(r, num)``).
-    For LoRA the rank of each module is ``rank_pattern``'s or ``r``; for AdaLoRA every layer is built at
-    ``init_r`` and cut to the kept triplets of ``rank_pattern``. A config claiming ``r = 10**9`` for a rank-8
-    file is therefore refused here, not after allocating gigabytes.
-
-    Raises:
-        ShapeMismatchError: naming the first module whose rank differs, with both values.
-    """
-    from lorakit.config import AdaLoraConfig
-    from lorakit.targeting import pattern_value
-
-    for key, tensor in state.items():
-        suffix = next((s for s in _RANK_KEYS if key.endswith(s)), None)
-        if suffix is None or tensor.dim() < 2:  # a factor is at least (r, in); anything else fails the key check
-            continue
-        module = key[: -len(suffix)].removeprefix(KEY_PREFIX)
-        file_rank = tensor.shape[0]
-        if isinstance(config, AdaLoraConfig):
-            mask = (config.rank_pattern or {}).get(f"{module}.lora_E")
-            if mask is not None and len(mask) != config.init_r:
-                raise ShapeMismatchError(
-                    f"rank_pattern[{module + '.lora_E'!r}] has {len(mask)} entries but init_r={config.init_r}; "
-                    "the config does not belong to this adapter's file"
-                )
-            if mask is None:
-                expected, what = config.init_r, "init_r"
-            else:
-                expected, what = sum(mask), "the kept ranks of rank_pattern"
-        else:
-            expected, what = pattern_value(config.rank_pattern, module, config.r), "r / rank_pattern"
-        if expected != file_rank:
-            raise ShapeMismatchError(
-                f"the adapter config asks for rank {expected} ({what}) for {module!r} but the weights file holds "
-                f"rank {file_rank} there ({key!r}); the config and the weights do not belong together"
-            )
 
 
 def _peft_alias(key: str, adapter_name: str) -> str:

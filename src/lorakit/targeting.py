@@ -1,5 +1,7 @@
 """Which modules of a model an adapter config selects. Pure functions over module names.
 
+``pattern_value`` (the rule of ``rank_pattern``/``alpha_pattern``) lives in :mod:`lorakit.config`.
+
 Matching rules (the same as PEFT's, so a config selects the same modules in both libraries):
 
 * ``target_modules`` as a list: a module matches if its full name equals an entry or ends with ``"." + entry``.
@@ -14,16 +16,14 @@ Matching rules (the same as PEFT's, so a config selects the same modules in both
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Iterable
 
 from torch import nn
 
-from lorakit.config import DEFAULT_TARGET_MODULES, LoraConfig
+from lorakit.config import PeftConfig
 from lorakit.errors import ConfigError, TargetNotFoundError, suggest
 
 ALL_LINEAR = "all-linear"
-T = TypeVar("T")
 
 
 def matches_selector(name: str, selector: list[str] | str) -> bool:
@@ -45,22 +45,11 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
     return None
 
 
-def pattern_value(patterns: Mapping[str, T], name: str, default: T) -> T:
-    """The value of the first key of ``patterns`` that matches the end of ``name`` as a regex, else default.
-
-    Used for ``rank_pattern`` and ``alpha_pattern``: ``{"q_proj": 16}`` or ``{"layers\\.0\\..*": 4}``.
-    """
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def is_module_to_save(name: str, modules_to_save: Iterable[str] | None) -> bool:
     return bool(modules_to_save) and any(name.endswith(m) for m in modules_to_save)
 
 
-def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+def resolve_target_modules(model: nn.Module, config: PeftConfig) -> list[str] | str:
     """``config.target_modules`` made concrete: the architecture default for None, suffixes for all-linear.
 
     Raises:
@@ -69,12 +58,13 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGET_MODULES:
+        defaults = getattr(config, "DEFAULT_TARGETS", {})
+        if model_type not in defaults:
             raise ConfigError(
                 f"target_modules is None and lorakit has no default targets for model_type={model_type!r}; "
                 "set target_modules to a list of module names, a regex, or 'all-linear'"
             )
-        return list(DEFAULT_TARGET_MODULES[model_type])
+        return list(defaults[model_type])
     if targets == ALL_LINEAR:
         return all_linear_suffixes(model)
     return targets
@@ -109,7 +99,7 @@ def all_linear_suffixes(model: nn.Module) -> list[str]:
     return sorted(suffixes - head_names)
 
 
-def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def select_targets(model: nn.Module, config: PeftConfig) -> list[str]:
     """Names of the modules ``config`` adapts, in model order (wrappers lorakit inserted are looked through).
 
     Raises:
@@ -142,7 +132,7 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return chosen
 
 
-def _nothing_matched(model: nn.Module, config: LoraConfig, targets: list[str] | str) -> str:
+def _nothing_matched(model: nn.Module, config: PeftConfig, targets: list[str] | str) -> str:
     names = [n for n, _ in model.named_modules() if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     asked = [targets] if isinstance(targets, str) else targets

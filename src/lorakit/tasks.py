@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig, TaskType
+from lorakit.config import TaskType
 from lorakit.errors import ConfigError
 from lorakit.model import PeftModel, base_name_or_path
+from lorakit.tuners.lora import LoraConfig
 
 
 class _TransformersForward(PeftModel):

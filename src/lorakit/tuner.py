@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lorakit.combine import add_weighted_adapter
-from lorakit.config import TASK_HEADS, LoraConfig, PeftType
+from lorakit.config import TASK_HEADS, PeftType, pattern_value, register_method
 from lorakit.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -26,11 +26,12 @@ from lorakit.errors import (
 )
 from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_for
-from lorakit.layers.kinds import supported_type_names
+from lorakit.layers.kinds import HFConv1DKind, supported_type_names
 from lorakit.layers.lora import ActiveAdapters
 from lorakit.layers.mixed import BASE_ROW, RowRouting, routed
 from lorakit.layers.quantized import guard_model_repacking
-from lorakit.targeting import is_module_to_save, pattern_value, select_targets
+from lorakit.targeting import ALL_LINEAR, all_linear_suffixes, is_module_to_save, select_targets
+from lorakit.tuners.lora.config import LoraConfig
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -207,6 +208,21 @@ class LoraModel(nn.Module):
 
     def _after_inject(self, adapter_name: str, config: LoraConfig) -> None:
         """Called once every layer holds the new adapter (subclasses reshape it; nothing for LoRA)."""
+
+    def file_config(self, adapter_name: str, config: LoraConfig) -> LoraConfig:
+        """The config as the adapter file holds it (``config`` is a copy the caller owns; changed in place).
+
+        PEFT writes ``fan_in_fan_out=True`` for transformers' ``Conv1D`` layers and ``"all-linear"`` expanded to
+        the module names (readers such as vLLM check them); lorakit's in-memory config stays as the user gave it.
+        """
+        if any(isinstance(layer.kind, HFConv1DKind) and adapter_name in layer.r for _, layer in self.lora_layers()):
+            config.fan_in_fan_out = True
+        if config.target_modules == ALL_LINEAR:
+            config.target_modules = all_linear_suffixes(self.model)
+        return config
+
+    def after_save(self, adapter_name: str, config: LoraConfig, folder: str) -> None:
+        """Called once an adapter's files are written into ``folder`` (a method may add a report; LoRA adds none)."""
 
     def layer_file_state(self, name: str, layer: AdapterLayer, adapter: str) -> dict[str, torch.Tensor]:
         """The tensors an adapter file holds for ``layer`` (file key relative to the layer -> tensor)."""
@@ -520,3 +536,6 @@ class LoraModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+register_method(LoraConfig, LoraModel)

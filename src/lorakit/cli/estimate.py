@@ -139,7 +139,7 @@ def add_parser(sub: Any) -> None:
 
 def lora_config(args: argparse.Namespace) -> Any:
     """The :class:`~lorakit.LoraConfig` the flags describe (flags override ``--adapter-config``)."""
-    from lorakit.config import LoraConfig
+    from lorakit.tuners.lora import LoraConfig
 
     fields = (
         "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern"

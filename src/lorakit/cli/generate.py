@@ -60,7 +60,7 @@ def base_model_for(model_name: str | None, adapter: str | None) -> str | None:
     """``--model`` if given; else the base model the adapter records (``base_model_name_or_path``); else the default."""
     if model_name is not None or adapter is None:
         return model_name
-    from lorakit.config import LoraConfig
+    from lorakit.tuners.lora import LoraConfig
 
     return LoraConfig.from_pretrained(adapter).base_model_name_or_path
 

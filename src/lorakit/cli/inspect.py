@@ -52,14 +52,14 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
     """The facts ``lorakit inspect`` prints, as a dict."""
     import torch
 
-    from lorakit.config import LoraConfig
+    from lorakit.config import PeftConfig
     from lorakit.errors import AdapterFileError
     from lorakit.persistence import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_weights
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise AdapterFileError(f"{folder} is not a folder; give an adapter folder (it holds adapter_config.json)")
-    config = LoraConfig.from_pretrained(folder)
+    config = PeftConfig.from_pretrained(folder)
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         shapes = _shapes(weights)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from lorakit.adalora import RANKS_PLOT
 from lorakit.config import CONFIG_NAME
 from lorakit.errors import AdapterFileError
 from lorakit.io import check_output_apart, exclusive_lock
-from lorakit.model import RANKS_PLOT
 from lorakit.persistence import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from lorakit.training.checkpoint import CHECKPOINTS
 from lorakit.training.config import TrainConfig

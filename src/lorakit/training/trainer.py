@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import lorakit.cpu_blas as cpu_blas
-from lorakit.config import AdaLoraConfig, LoraConfig, TaskType
+from lorakit.config import TaskType
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, TrainingDivergedError
 from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
@@ -52,6 +52,8 @@ from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, r
 from lorakit.training.evaluate import exact_match
 from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
+from lorakit.tuners.adalora import AdaLoraConfig
+from lorakit.tuners.lora import LoraConfig
 
 METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
 
