@@ -14,8 +14,8 @@ from torch import nn
 import lorakit
 from conftest import input_ids, tiny_llama
 from lorakit import AdaLoraConfig, LoraConfig, get_peft_model
-from lorakit.adalora import budget_schedule, rank_grid
 from lorakit.errors import ConfigError
+from lorakit.tuners.adalora.model import budget_schedule, rank_grid
 
 peft = pytest.importorskip("peft", reason="AdaLoRA interop tests need PEFT (the dev extra installs it)")
 

@@ -6,9 +6,10 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from lorakit import ConfigError, LoraConfig, TargetNotFoundError, get_peft_model
+from lorakit import AdaLoraConfig, ConfigError, LoraConfig, TargetNotFoundError, get_peft_model
 from lorakit.cli import estimate as cli_estimate
 from lorakit.errors import LorakitError, ModelNotFoundError
 from lorakit.estimate import (
@@ -85,6 +86,14 @@ CASES = [
     ("bert", dict(target_modules=r".*layer\.0\..*dense")),
     ("llama", dict(target_modules=["q_proj", "embed_tokens", "down_proj"], use_dora=True)),
     ("gpt2", dict(target_modules=["c_attn"], use_dora=True)),
+    (
+        "llama",
+        dict(target_modules="all-linear", alpha_pattern={"v_proj": 64}, rank_pattern={"o_proj": 3}, use_dora=True),
+    ),
+    ("llama", dict(target_modules=["q_proj", "down_proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4})),
+    ("gpt2", dict(target_modules=["c_attn", "c_fc"], rank_pattern={"c_fc": 2}, modules_to_save=["ln_f"], bias="all")),
+    ("bert", dict(target_modules=["query", "dense"], task_type="SEQ_CLS", use_dora=True, bias="lora_only")),
+    ("bert", dict(target_modules=["key"], task_type="SEQ_CLS", modules_to_save=["pooler"], layers_to_transform=[0])),
 ]
 FACTORIES = {"llama": tiny_llama, "llama_tied": lambda: tiny_llama(tie=True), "gpt2": tiny_gpt2, "bert": tiny_bert}
 
@@ -102,6 +111,78 @@ def test_count_equals_real_peft_model(arch, kwargs):
     peft_model = get_peft_model(real, LoraConfig(**kwargs))
     assert est.trainable == peft_model.get_nb_trainable_parameters()[0]
     assert est.total == total
+    assert breakdown(est) == real_breakdown(peft_model)
+
+
+def breakdown(est) -> list[tuple[str, str, int, int, int]]:
+    return [(m.name, m.kind, m.in_features, m.out_features, m.r, m.params) for m in est.modules]
+
+
+def real_breakdown(peft_model) -> list[tuple[str, str, int, int, int]]:
+    """The adapter layers of a real adapted model, with their trainable values (A, B and the variant's own)."""
+    return [
+        (name, layer.kind.name, *layer.kind.features(layer.base_layer), layer.r["default"], n)
+        for name, layer in peft_model.base_model.lora_layers()
+        if (n := sum(p.numel() for p in layer.adapter_parameters("default") if p.requires_grad))
+    ]
+
+
+ADALORA = [
+    ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], init_r=6, target_r=2, total_step=10)),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"], init_r=4, target_r=2, total_step=10, bias="all")),
+    ("bert", dict(target_modules=["query", "value"], init_r=5, target_r=3, total_step=10, task_type="SEQ_CLS")),
+]
+
+
+@pytest.mark.parametrize(("arch", "kwargs"), ADALORA, ids=[a for a, _ in ADALORA])
+def test_adalora_count_equals_real_peft_model(arch, kwargs):
+    real = FACTORIES[arch]()
+    meta = build_meta_model(real.config, architecture=type(real).__name__)
+    est = count_parameters(meta, AdaLoraConfig(**kwargs))
+    peft_model = get_peft_model(real, AdaLoraConfig(**kwargs))
+    assert est.trainable == peft_model.get_nb_trainable_parameters()[0]
+    assert breakdown(est) == real_breakdown(peft_model)
+    assert all(m.m_size == m.r == kwargs["init_r"] for m in est.modules)  # AdaLoRA's singular values E: (r, 1)
+
+
+def test_trained_adalora_config_counts_its_kept_ranks():
+    kept = [True, False, True, False, False, True]
+    names = [n for n, _ in tiny_llama().named_modules() if n.endswith("q_proj")]
+    pattern = {f"{n}.lora_E": kept for n in names}
+    config = dict(target_modules=["q_proj"], init_r=6, target_r=2, total_step=10, rank_pattern=pattern)
+    est = count_parameters(build_meta_model(tiny_llama().config), AdaLoraConfig(**config))
+    assert est.trainable == get_peft_model(tiny_llama(), AdaLoraConfig(**config)).get_nb_trainable_parameters()[0]
+    assert est.adapter == len(names) * 3 * (32 + 32 + 1)
+
+
+def test_estimate_follows_the_tuner(monkeypatch):
+    """No second set of rules: whatever injection creates is what the estimate counts."""
+    from lorakit.layers import LoraLayer
+
+    meta = build_meta_model(tiny_llama().config)
+    config = LoraConfig(r=4, target_modules=["q_proj"])
+    plain = count_parameters(meta, config)
+    add = LoraLayer.add
+    monkeypatch.setattr(LoraLayer, "add", lambda self, name, r, *args, **kw: add(self, name, 2 * r, *args, **kw))
+    doubled = count_parameters(meta, config)
+    assert [m.r for m in doubled.modules] == [8, 8] and doubled.adapter == 2 * plain.adapter
+
+
+def test_count_leaves_the_model_and_config_untouched():
+    real = tiny_bert()
+    before = {name: (p.detach().clone(), p.requires_grad) for name, p in real.named_parameters()}
+    loftq = dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
+    config = LoraConfig(target_modules=["query"], task_type="SEQ_CLS", inference_mode=True, **loftq)
+    saved = config.to_dict()
+    est = count_parameters(real, config)
+    # an estimate is of training: a saved adapter's inference_mode=True counts as False, LoftQ as the default init
+    training = LoraConfig(target_modules=["query"], task_type="SEQ_CLS")
+    assert est.trainable == get_peft_model(tiny_bert(), training).get_nb_trainable_parameters()[0]
+    assert config.to_dict() == saved  # no task head added to modules_to_save, no base_model_name_or_path
+    after = dict(real.named_parameters())
+    assert after.keys() == before.keys()  # no adapter layer was put into it
+    for name, (value, requires_grad) in before.items():
+        assert after[name].requires_grad == requires_grad and torch.equal(after[name], value)
 
 
 def test_tied_embeddings_counted_once():
@@ -323,3 +404,9 @@ def test_count_conv_and_plain_modules():
     est = count_parameters(Net(), LoraConfig(**config))
     assert est.adapter == 8 * (50 + 12) + 2 * 3 * 3 * 5 + 2 * 8 + 8 * (12 + 7)
     assert est.trainable == get_peft_model(Net(), LoraConfig(**config)).get_nb_trainable_parameters()[0]
+    dora = dict(config, use_dora=True, bias="all")  # a magnitude per output channel of each layer, and the biases
+    est = count_parameters(Net(), LoraConfig(**dora))
+    peft_model = get_peft_model(Net(), LoraConfig(**dora))
+    assert est.trainable == peft_model.get_nb_trainable_parameters()[0]
+    assert breakdown(est) == real_breakdown(peft_model)
+    assert [m.m_size for m in est.modules] == [12, 8, 7] and est.bias == 8 + 7

@@ -6,7 +6,6 @@ Replace ``peft`` with ``lorakit`` in your imports::
 """
 
 from lorakit import cpu_blas
-from lorakit.adalora import AdaLoraModel
 from lorakit.config import PeftConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterExistsError,
@@ -32,9 +31,10 @@ from lorakit.tasks import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from lorakit.tuner import LoraModel
 from lorakit.tuners.adalora import AdaLoraConfig
+from lorakit.tuners.adalora.model import AdaLoraModel
 from lorakit.tuners.lora import LoraConfig
+from lorakit.tuners.lora.model import LoraModel
 
 __version__ = "0.1.0"
 

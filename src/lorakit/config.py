@@ -85,8 +85,9 @@ class PeftConfig:
     peft_type: PeftType | str | None = None
     """The method; always the class's ``PEFT_TYPE``."""
 
-    #: The ``peft_type`` this class describes (set by each method's subclass).
+    #: The ``peft_type`` this class describes, and the method's name in messages (set by each method).
     PEFT_TYPE: ClassVar[PeftType | None] = None
+    NAME: ClassVar[str] = ""
     #: Fields PEFT writes that this method does not implement, with the value that means "feature off": a file
     #: holding that value loads; any other is refused, since ignoring it would give another model.
     INERT_FIELDS: ClassVar[dict[str, Any]] = {}

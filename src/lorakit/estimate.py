@@ -1,15 +1,12 @@
 """Trainable-parameter counts and training-memory estimates from a model *config* alone: no weights are read.
 
 The model is built from its config on PyTorch's ``meta`` device (shapes without storage), so every architecture
-transformers knows has its exact module shapes; the adapter config is resolved by lorakit's own targeting code
-(:func:`lorakit.targeting.select_targets`), so the count equals what :func:`lorakit.get_peft_model` creates.
+transformers knows has its exact module shapes, and the real :func:`lorakit.get_peft_model` adapts it there: the
+counts are read from that adapted model (one source of truth: whatever a method creates is what is counted).
 
-Counting (Hu et al. 2021, §4.1): a layer with weight ``W: (d, k)`` gets ``A: (r, k)`` and ``B: (d, r)``,
-i.e. ``r·(d + k)`` trainable values instead of ``d·k``:
-
-* ``nn.Linear(k, d)`` and transformers' ``Conv1D`` (weight stored ``(k, d)``): ``r·(k + d)``;
-* ``nn.Embedding(num, dim)``: ``r·(num + dim)``;
-* ``nn.ConvNd(c_in, c_out, kernel)``: ``r·c_in·prod(kernel) + r·c_out`` (B is a 1×…×1 convolution).
+For LoRA (Hu et al. 2021, §4.1) a layer with weight ``W: (d, k)`` gets ``A: (r, k)`` and ``B: (d, r)``, i.e.
+``r·(d + k)`` trainable values instead of ``d·k`` (``r·k·prod(kernel) + r·d`` for a convolution); DoRA adds a
+magnitude per output (``d``), AdaLoRA ``r`` singular values.
 
 Memory (bytes; GiB = 2**30 bytes) is split into weights, an fp32 master copy, gradients and optimizer state
 ("model states"), plus an activation figure that is a labelled rough estimate (:func:`activation_bytes`).
@@ -18,10 +15,11 @@ Memory (bytes; GiB = 2**30 bytes) is split into weights, an fp32 master copy, gr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import TASK_HEADS, TaskType, pattern_value
-from lorakit.errors import ConfigError, MissingDependencyError, ModelNotFoundError, UnsupportedModuleError, suggest
+from lorakit.config import PeftConfig, TaskType
+from lorakit.errors import ConfigError, MissingDependencyError, ModelNotFoundError, suggest
 from lorakit.hub import DEFAULT_ALIASES, DEFAULT_MODEL, resolve_model
-from lorakit.layers import kind_for
-from lorakit.layers.kinds import HFConv1D, supported_type_names
-from lorakit.targeting import is_module_to_save, select_targets
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers.kinds import HFConv1D
+from lorakit.tasks import get_peft_model
 from lorakit.tuners.lora import LoraConfig
 
 GIB = 2**30
@@ -224,16 +222,17 @@ def build_meta_model(
 
 @dataclass(frozen=True)
 class AdaptedModule:
-    """One module the adapter wraps: ``params`` = trainable values of its A and B factors (and DoRA magnitude)."""
+    """One adapter layer of the adapted model: ``params`` = trainable values of its A and B factors plus the
+    variant's own (DoRA's magnitude, AdaLoRA's singular values)."""
 
     name: str
-    kind: str  # "linear", "conv1d_hf", "embedding", "conv"
+    kind: str  # the layer kind's name: "linear", "conv1d_hf", "embedding", "conv", ...
     in_features: int  # k (columns of ΔW): Linear in_features, Embedding num_embeddings, Conv in_channels
     out_features: int  # d (rows of ΔW)
     r: int
     a_size: int  # numel of A: r·k (r·k·prod(kernel) for convolutions)
     b_size: int  # numel of B: d·r
-    m_size: int = 0  # numel of DoRA's magnitude: d (0 without DoRA)
+    m_size: int = 0  # numel of the variant's own parameters: DoRA's magnitude d, AdaLoRA's E r (0 for LoRA)
 
     @property
     def params(self) -> int:
@@ -242,7 +241,8 @@ class AdaptedModule:
 
 @dataclass
 class ParameterEstimate:
-    """Exact counts for one (model, adapter config) pair; sizes are numels of individual tensors."""
+    """Exact counts for one (model, adapter config) pair, read from the adapted model; sizes are numels of
+    individual tensors."""
 
     model_class: str
     total: int  # base model parameters, tied weights counted once (= sum(p.numel() for p in model.parameters()))
@@ -276,91 +276,92 @@ class ParameterEstimate:
         return [(*key, n) for key, n in counts.items()]
 
 
-def adapted_module(name: str, module: nn.Module, r: int, dora: bool = False) -> AdaptedModule:
-    """The factor sizes lorakit creates for ``module`` at rank ``r`` (see :mod:`lorakit.layers.kinds`).
+def count_parameters(model: nn.Module, config: PeftConfig) -> ParameterEstimate:
+    """Exact trainable and total parameter counts of ``get_peft_model(model, config)``, read from the real
+    adapted model built on the meta device.
 
-    Raises:
-        UnsupportedModuleError: no adapter layer wraps this module type (or its geometry, e.g. grouped conv).
-    """
-    kind = kind_for(module)
-    if kind is None:
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which LoRA cannot "
-            f"wrap; supported: {supported_type_names()}. Narrow target_modules to such layers."
-        )
-    k, d = kind.features(module)
-    receptive = math.prod(module.kernel_size) if kind.name == "conv" else 1
-    return AdaptedModule(name, kind.name, k, d, r, a_size=r * k * receptive, b_size=d * r, m_size=d if dora else 0)
-
-
-def count_parameters(model: nn.Module, config: LoraConfig) -> ParameterEstimate:
-    """Exact trainable and total parameter counts of ``get_peft_model(model, config)``, computed from shapes.
-
-    ``model`` may live on the meta device. Task heads (``TASK_HEADS``) join ``modules_to_save`` as in
-    :func:`lorakit.get_peft_model`.
+    A meta copy of ``model`` (shapes only; ``model`` itself, on the meta device or not, is left untouched) is
+    handed to :func:`lorakit.get_peft_model` with ``config``, so targeting, ranks, variants (DoRA, AdaLoRA),
+    task heads, ``modules_to_save`` and biases are whatever the real injection makes of them: no rule is
+    repeated here. A walk over the adapted model's adapter layers gives ``modules`` (its LoRA layers) and
+    ``modules_to_save`` (its trainable copies); ``bias`` is every other parameter it trains.
 
     Raises:
         TargetNotFoundError: ``target_modules`` matches nothing (the message lists the model's module names).
         UnsupportedModuleError: a target is of a type LoRA cannot wrap.
+        ConfigError: any other config the model refuses (e.g. a ``modules_to_save`` entry matching nothing).
     """
-    asked = list(config.modules_to_save or [])
-    saved = asked + [h for h in TASK_HEADS.get(config.task_type, []) if h not in asked]
-    if saved != asked:  # as get_peft_model does: task heads train in full, so LoRA skips them
-        config = dataclasses.replace(config, modules_to_save=saved)
-    modules = [
-        adapted_module(
-            name, model.get_submodule(name), pattern_value(config.rank_pattern, name, config.r), config.use_dora
-        )
-        for name in select_targets(model, config)
-    ]
-    params = dict(model.named_parameters())  # deduplicated: a tied weight appears once
-    skip = _not_quantized(model)
-    quantized = [  # transformers' replace_with_bnb_linear: exact nn.Linear and Conv1D, minus the skipped names
-        m.weight.numel()
-        for name, m in model.named_modules()
-        if (type(m) is nn.Linear or (HFConv1D is not None and isinstance(m, HFConv1D)))
-        and not any(name == s or name.startswith(s + ".") or name.endswith(s) for s in skip)
-    ]
-    sizes = [p.numel() for p in params.values()]
+    base = _meta_copy(model)
+    sizes = [p.numel() for p in base.parameters()]  # deduplicated: a tied weight appears once
     estimate = ParameterEstimate(
         model_class=type(model).__name__,
         total=sum(sizes),
-        modules=modules,
+        modules=[],
         base_tensor_sizes=sizes,
-        quantized_sizes=quantized,
-        lm_head=getattr(model, "get_output_embeddings", lambda: None)() is not None,
+        quantized_sizes=_quantizable_sizes(base),
+        lm_head=getattr(base, "get_output_embeddings", lambda: None)() is not None,
     )
-    copied: set[str] = set()
-    for name, module in model.named_modules():
-        if name and is_module_to_save(name, saved) and not any(name.startswith(c + ".") for c in copied):
-            copied.add(name)
-            copy_sizes = [p.numel() for p in module.parameters()]
-            estimate.modules_to_save += sum(copy_sizes)
-            estimate.extra_tensor_sizes += copy_sizes
-    unmatched = [m for m in asked if not any(c.endswith(m) for c in copied)]
-    if unmatched:
-        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
-        raise ConfigError(f"modules_to_save entry {unmatched[0]!r} matched no module" + suggest(unmatched[0], leaves))
-    if config.bias != "none":
-        adapted = {m.name for m in modules}
-        for name, p in params.items():
-            owner, _, leaf = name.rpartition(".")
-            in_copy = any(owner == c or owner.startswith(c + ".") for c in copied)
-            if leaf == "bias" and not in_copy and (config.bias == "all" or owner in adapted):
-                estimate.bias += p.numel()
-                estimate.extra_tensor_sizes.append(p.numel())
+    with warnings.catch_warnings():  # the user saw the config's warnings when building it
+        warnings.simplefilter("ignore")
+        # an estimate is of training (a saved adapter's config says inference_mode=True), and LoftQ rewrites real
+        # base weights, which meta tensors do not have: it creates the same shapes as the default init
+        config = dataclasses.replace(config, inference_mode=False)
+        if getattr(config, "init_lora_weights", None) == "loftq":
+            config = dataclasses.replace(config, init_lora_weights=True)
+    try:
+        with torch.device("meta"):  # the adapter's own tensors are created without storage too
+            adapted = get_peft_model(base, config)
+    except (NotImplementedError, RuntimeError):
+        # injection read values from a tensor it made without a device (AdaLoRA's kept-triplet mask of a trained
+        # config): make the adapter's tensors on the CPU then, where they are moved to the base's meta device
+        adapted = get_peft_model(_meta_copy(model), config)
+    adapter = adapted.active_adapter
+    counted: set[int] = set()
+    for name, layer in adapted.base_model.adapter_layers():
+        params = layer.adapter_parameters(adapter)
+        counted.update(id(p) for p in params)
+        if isinstance(layer, ModulesToSaveWrapper):  # a full trainable copy of the module
+            estimate.modules_to_save += sum(p.numel() for p in params)
+            estimate.extra_tensor_sizes += [p.numel() for p in params]
+        elif isinstance(layer, LoraLayer):
+            a, b, *own = params  # A, B, then the variant's own (adapter_parameters' order)
+            size = sum(p.numel() for p in own)
+            shape = (layer.in_features, layer.out_features, layer.r[adapter])
+            estimate.modules.append(AdaptedModule(name, layer.kind.name, *shape, a.numel(), b.numel(), size))
+    for p in adapted.parameters():  # what else trains: the biases that ``bias`` makes trainable
+        if p.requires_grad and id(p) not in counted:
+            estimate.bias += p.numel()
+            estimate.extra_tensor_sizes.append(p.numel())
     return estimate
 
 
-def _not_quantized(model: nn.Module) -> set[str]:
-    """Module names transformers keeps in full precision when loading in 4 bit (``get_keys_to_not_convert``):
-    the output head, tied weights' owners and the module holding the last parameter (e.g. a classifier)."""
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors of the same shapes (ties kept)."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) not in memo:
+            meta = torch.empty_like(tensor, device="meta")
+            is_param = isinstance(tensor, nn.Parameter)
+            memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if is_param else meta
+    return copy.deepcopy(model, memo)
+
+
+def _quantizable_sizes(model: nn.Module) -> list[int]:
+    """Numels of the weights transformers' ``replace_with_bnb_linear`` quantizes: exact ``nn.Linear`` and
+    ``Conv1D`` modules, minus those it keeps in full precision (``get_keys_to_not_convert``): the output head,
+    tied weights' owners and the module holding the last parameter (e.g. a classifier)."""
     names = [n for n, _ in model.named_parameters()]
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     keys = set(tied) | set(tied.values()) | set(names[-1:])
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keys |= {n for n, m in model.named_modules() if head is not None and m is head}
-    return {k.removesuffix(".weight") for k in keys}
+    skip = {k.removesuffix(".weight") for k in keys}
+    return [
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if (type(m) is nn.Linear or (HFConv1D is not None and isinstance(m, HFConv1D)))
+        and not any(name == s or name.startswith(s + ".") or name.endswith(s) for s in skip)
+    ]
 
 
 def layer_comparison(d: int, k: int, r: int) -> dict[str, float]:
@@ -544,14 +545,16 @@ def quoted_figures(r: int = 8) -> dict[str, Any]:
     """
     config = preset_config("llama-7b")
     model = build_meta_model(config)
-    counts = {
-        label: count_parameters(model, LoraConfig(r=r, target_modules=t)).adapter for label, t in QUOTED_CHOICES.items()
-    }
     all_seven = QUOTED_CHOICES["q, k, v, o, gate, up, down"]
-    per_rank = {
-        rank: count_parameters(model, LoraConfig(r=rank, target_modules=all_seven)).adapter for rank in range(1, 9)
-    }
     est = count_parameters(model, LoraConfig(r=r, target_modules=all_seven))
+
+    def adapter(rank: int, targets: list[str]) -> int:  # each count adapts a 7B meta model: reuse the one above
+        if rank == r and targets is all_seven:
+            return est.adapter
+        return count_parameters(model, LoraConfig(r=rank, target_modules=targets)).adapter
+
+    counts = {label: adapter(r, t) for label, t in QUOTED_CHOICES.items()}
+    per_rank = {rank: adapter(rank, all_seven) for rank in range(1, 9)}
     fp32 = estimate_memory(est, config, TrainingSetup(dtype="fp32"))
     bf16 = estimate_memory(est, config, TrainingSetup(dtype="bf16"))
     plain = estimate_memory(est, config, TrainingSetup(dtype="bf16", double_quant=False))

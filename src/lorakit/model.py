@@ -32,8 +32,8 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: keep adapters in fp32 when the base is fp16/bf16 (as PEFT does).
 
     Attributes:
-        base_model: the method's tuner (for LoRA :class:`~lorakit.tuner.LoraModel`); ``base_model.model`` is the
-            original model.
+        base_model: the method's tuner (for LoRA :class:`~lorakit.tuners.lora.model.LoraModel`);
+            ``base_model.model`` is the original model.
         peft_config: adapter name -> config.
     """
 

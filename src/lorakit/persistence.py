@@ -25,7 +25,7 @@ from lorakit.io import atomic_write_files, reading_folder, resolve_adapter_file
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 if TYPE_CHECKING:
-    from lorakit.tuner import LoraModel
+    from lorakit.tuners.lora.model import LoraModel
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"

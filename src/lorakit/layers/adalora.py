@@ -9,7 +9,7 @@ where r₀ is the rank the adapter was created with (``init_r``): the scale stay
 masked (λ_i = 0) or removed, so cutting a triplet never rescales the others (PEFT's convention). Reducing
 (A ⊙ E, B) to the plain (A, B) pair of :func:`~lorakit.layers.delta.lora_delta` lets merge, unmerge and
 export reuse LoRA's code unchanged; this variant only adds E, folds it in, and can drop triplets for good
-(:func:`truncate`). The schedule that decides which triplets to keep lives in :mod:`lorakit.adalora`.
+(:func:`truncate`). The schedule that decides which triplets to keep lives in :mod:`lorakit.tuners.adalora.model`.
 
 Files use PEFT's AdaLoRA keys, ``<module>.lora_A`` / ``lora_B`` / ``lora_E`` (bare tensors, no ``.weight``).
 Supported base layers: the linear kinds (``nn.Linear``, transformers ``Conv1D``, bitsandbytes 4/8-bit).

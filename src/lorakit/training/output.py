@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from lorakit.adalora import RANKS_PLOT
 from lorakit.config import CONFIG_NAME
 from lorakit.errors import AdapterFileError
 from lorakit.io import check_output_apart, exclusive_lock
 from lorakit.persistence import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from lorakit.training.checkpoint import CHECKPOINTS
 from lorakit.training.config import TrainConfig
+from lorakit.tuners.adalora.model import RANKS_PLOT
 
 #: What ``lorakit train`` writes into ``--output`` (``--overwrite`` replaces these, and only these).
 OUTPUT_NAMES = (

@@ -27,6 +27,7 @@ class AdaLoraConfig(LoraConfig):
     """
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.ADALORA
+    NAME: ClassVar[str] = "AdaLoRA"
 
     target_r: int = 8
     """Average rank per adapted matrix when the schedule ends (the total budget is target_r × matrices)."""

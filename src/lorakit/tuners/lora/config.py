@@ -133,6 +133,7 @@ class LoraConfig(PeftConfig):
     to ``adapter_config.json`` only when True (PEFT ignores it)."""
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+    NAME: ClassVar[str] = "LoRA"
     INERT_FIELDS: ClassVar[dict[str, Any]] = _PEFT_INERT_FIELDS
     INFORMATIONAL_FIELDS: ClassVar[tuple[str, ...]] = (*PeftConfig.INFORMATIONAL_FIELDS, *_ANY_VALUE_FIELDS)
     #: Targets when ``target_modules`` is None, by ``config.model_type`` (read by :mod:`lorakit.targeting`).

@@ -1,21 +1,24 @@
-"""Injection: put adapter layers into a model, switch them, merge them, take them out again.
+"""The engine every weight-based method shares: inject adapter layers (with rollback), switch them, disable,
+merge and unload them, ``modules_to_save`` copies and trainable biases, batches that mix adapters.
 
-:class:`LoraModel` owns the wrapped model (``self.model``) and the dict of adapter configs. Every method
-finds lorakit's modules by type (:class:`~lorakit.layers.AdapterLayer`), never by name patterns.
+:class:`BaseTuner` owns the wrapped model (``self.model``) and the dict of adapter configs. A method subclasses
+it and says only what is its own: its config class (``config_class``), its layer type (``layer_type``), how a
+targeted module becomes (or gains) its layer (:meth:`BaseTuner._create_and_replace`), and what it restores when
+an injection fails (:meth:`BaseTuner._before_inject`). Every method finds lorakit's modules by type
+(:class:`~lorakit.layers.AdapterLayer`), never by name patterns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lorakit.combine import add_weighted_adapter
-from lorakit.config import TASK_HEADS, PeftType, pattern_value, register_method
+from lorakit.config import TASK_HEADS, PeftConfig
 from lorakit.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -25,13 +28,17 @@ from lorakit.errors import (
     suggest,
 )
 from lorakit.kbit import forget_quantization
-from lorakit.layers import AdapterLayer, LoraLayer, ModulesToSaveWrapper, kind_for
-from lorakit.layers.kinds import HFConv1DKind, supported_type_names
+from lorakit.layers import AdapterLayer, ModulesToSaveWrapper, kind_for
+from lorakit.layers.kinds import supported_type_names
 from lorakit.layers.lora import ActiveAdapters
 from lorakit.layers.mixed import BASE_ROW, RowRouting, routed
 from lorakit.layers.quantized import guard_model_repacking
-from lorakit.targeting import ALL_LINEAR, all_linear_suffixes, is_module_to_save, select_targets
-from lorakit.tuners.lora.config import LoraConfig
+from lorakit.targeting import is_module_to_save, select_targets
+
+
+def _bias(config: PeftConfig) -> str:
+    """Which biases a config trains (``"none"`` for methods without the field)."""
+    return getattr(config, "bias", "none")
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -39,7 +46,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-class LoraModel(nn.Module):
+class BaseTuner(nn.Module):
     """The model with adapter layers injected; ``self.model`` is the original model object, modified in place.
 
     Args:
@@ -48,12 +55,15 @@ class LoraModel(nn.Module):
         adapter_name: the first adapter, injected now and made active.
     """
 
-    prefix = "lora_"
+    #: The method's config class (a second method's config cannot join this model).
+    config_class: ClassVar[type[PeftConfig]]
+    #: The method's layer type: the adapter layers that hold weights of their own (merge, mixed batches).
+    layer_type: ClassVar[type[AdapterLayer]]
 
     def __init__(
         self,
         model: nn.Module,
-        peft_config: dict[str, LoraConfig],
+        peft_config: dict[str, PeftConfig],
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
     ) -> None:
@@ -89,9 +99,10 @@ class LoraModel(nn.Module):
             if isinstance(module, AdapterLayer):
                 yield name, module
 
-    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+    def weight_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """The method's own layers (``layer_type``), without ``modules_to_save`` copies."""
         for name, module in self.adapter_layers():
-            if isinstance(module, LoraLayer):
+            if isinstance(module, self.layer_type):
                 yield name, module
 
     @property
@@ -115,114 +126,96 @@ class LoraModel(nn.Module):
 
     # -- injection ------------------------------------------------------------------------------------
 
-    def inject(self, adapter_name: str, config: LoraConfig) -> None:
+    def inject(self, adapter_name: str, config: PeftConfig) -> None:
         """Wrap every module ``config`` selects and give it adapter ``adapter_name``; freeze the rest.
 
         On any error the model is left as it was.
 
         Raises:
             TargetNotFoundError: the targets match no module.
-            UnsupportedModuleError: a target is of a type no adapter layer wraps.
+            UnsupportedModuleError: a target is of a type the method's layer cannot wrap.
             AdapterExistsError: a targeted layer already holds an adapter of this name.
-            ConfigError: a second adapter asks for trainable biases (only one adapter may own them).
+            ConfigError: a config of another method, or a second adapter asking for trainable biases (only one
+                adapter may own them).
         """
         self._check_config_type(config)
         self._structure_changed()
-        if config.bias != "none":
-            others = [n for n, c in self.peft_config.items() if n != adapter_name and c.bias != "none"]
+        bias = _bias(config)
+        if bias != "none":
+            others = [n for n, c in self.peft_config.items() if n != adapter_name and _bias(c) != "none"]
             if others:
                 raise ConfigError(
-                    f"adapter {adapter_name!r} has bias={config.bias!r} but adapter {others[0]!r} already trains "
+                    f"adapter {adapter_name!r} has bias={bias!r} but adapter {others[0]!r} already trains "
                     "biases; only one adapter per model may, so use bias='none' for this one"
                 )
-        names = select_targets(self.model, config)
-        plans = []
-        for name in names:
-            module = self.model.get_submodule(name)
-            base = module.base_layer if isinstance(module, LoraLayer) else module
-            kind = module.kind if isinstance(module, LoraLayer) else kind_for(module)
-            if kind is None:
-                raise UnsupportedModuleError(
-                    f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which LoRA "
-                    f"cannot wrap; supported: {supported_type_names()}. Narrow target_modules to such layers."
-                )
-            if isinstance(module, LoraLayer) and adapter_name in module.r:
-                raise AdapterExistsError(f"module {name!r} already holds an adapter named {adapter_name!r}")
-            kind.features(base)  # raises early for unsupported geometry (e.g. grouped convolutions)
-            plans.append((name, module, kind))
-
-        # LoftQ rewrites base weights: keep them so that a failed injection leaves the model as it was
-        originals = (
-            [kind.base_weight(m.base_layer if isinstance(m, LoraLayer) else m).detach().clone() for _, m, kind in plans]
-            if config.init_lora_weights == "loftq"
-            else []
-        )
+        plans = [self._plan(name, adapter_name) for name in select_targets(self.model, config)]
+        undo = self._before_inject(plans, config)
         try:
-            for name, module, kind in plans:
-                layer = module if isinstance(module, LoraLayer) else LoraLayer(module, kind)
-                r, variant = self._layer_form(config, name)
-                alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-                layer.add(
-                    adapter_name,
-                    r,
-                    alpha,
-                    config.lora_dropout,
-                    config.init_lora_weights,
-                    config.use_rslora,
-                    dtype=self._adapter_dtype(layer),
-                    loftq_config=config.loftq_config,
-                    variant=variant,
-                )
-                if config.use_dora:
-                    layer.lora_magnitude_vector[adapter_name].grad_through_norm = config.dora_grad_through_norm
-                if layer is not module:
-                    layer.follow(self._active)
-                    parent, child = _parent(self.model, name)
-                    setattr(parent, child, layer)
+            for plan in plans:
+                self._create_and_replace(plan, adapter_name, config)
             self._add_modules_to_save(adapter_name, config)
             self._after_inject(adapter_name, config)
         except BaseException:
             self.remove_adapter_layers(adapter_name)
-            with torch.no_grad():
-                for (_, module, kind), weight in zip(plans, originals):
-                    kind.base_weight(module.base_layer if isinstance(module, LoraLayer) else module).copy_(weight)
+            undo()
             raise
         self._freeze_all()
         guard_model_repacking(self.model)
         self.set_adapter([a for a in self.active_adapters if a in self.peft_config])
 
-    def _check_config_type(self, config: LoraConfig) -> None:
-        if config.peft_type != PeftType.LORA:
+    def _plan(self, name: str, adapter_name: str) -> tuple[str, nn.Module, Any]:
+        """``(name, module, kind)`` for a targeted module, checked before anything changes.
+
+        Raises:
+            UnsupportedModuleError: no layer kind handles the module's type or geometry.
+            AdapterExistsError: the module already holds an adapter of this name.
+        """
+        module = self.model.get_submodule(name)
+        held = isinstance(module, self.layer_type)
+        base = module.base_layer if held else module
+        kind = module.kind if held else kind_for(module)
+        if kind is None:
+            raise UnsupportedModuleError(
+                f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
+                f"{self.config_class.NAME} cannot wrap; supported: {supported_type_names()}. Narrow "
+                "target_modules to such layers."
+            )
+        if held and adapter_name in module.adapter_names():
+            raise AdapterExistsError(f"module {name!r} already holds an adapter named {adapter_name!r}")
+        kind.features(base)  # raises early for unsupported geometry (e.g. grouped convolutions)
+        return name, module, kind
+
+    def _before_inject(self, plans: list[tuple[str, nn.Module, Any]], config: PeftConfig) -> Callable[[], None]:
+        """Keep what the injection may change outside the adapter's own layers; returns what restores it."""
+        return lambda: None
+
+    def _create_and_replace(self, plan: tuple[str, nn.Module, Any], adapter_name: str, config: PeftConfig) -> None:
+        """Give the planned module adapter ``adapter_name``: add it to the method's layer there, or wrap the module
+        in a new one (then put in place with :meth:`_replace`)."""
+        raise NotImplementedError
+
+    def _replace(self, name: str, layer: AdapterLayer) -> None:
+        """Put a new adapter layer where module ``name`` was; it follows the model's active adapters."""
+        layer.follow(self._active)
+        parent, child = _parent(self.model, name)
+        setattr(parent, child, layer)
+
+    def _check_config_type(self, config: PeftConfig) -> None:
+        if not isinstance(config, self.config_class) or config.peft_type != self.config_class.PEFT_TYPE:
             raise ConfigError(
-                f"this model holds LoRA adapters; a {config.peft_type.value} adapter cannot join them (PEFT keeps "
+                f"this model holds {self.config_class.NAME} adapters; a {config.peft_type.value} adapter cannot join them (PEFT keeps "
                 "one method per model as well): load it onto a separate model"
             )
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
-        """A new adapter from weighted existing ones (PEFT's arguments; see :mod:`lorakit.combine`)."""
-        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+    def _after_inject(self, adapter_name: str, config: PeftConfig) -> None:
+        """Called once every layer holds the new adapter (a method may reshape it)."""
 
-    def _layer_form(self, config: LoraConfig, name: str) -> tuple[int, str]:
-        """``(rank, variant name)`` of the adapter that ``config`` puts on module ``name``."""
-        return pattern_value(config.rank_pattern, name, config.r), "dora" if config.use_dora else "lora"
-
-    def _after_inject(self, adapter_name: str, config: LoraConfig) -> None:
-        """Called once every layer holds the new adapter (subclasses reshape it; nothing for LoRA)."""
-
-    def file_config(self, adapter_name: str, config: LoraConfig) -> LoraConfig:
-        """The config as the adapter file holds it (``config`` is a copy the caller owns; changed in place).
-
-        PEFT writes ``fan_in_fan_out=True`` for transformers' ``Conv1D`` layers and ``"all-linear"`` expanded to
-        the module names (readers such as vLLM check them); lorakit's in-memory config stays as the user gave it.
-        """
-        if any(isinstance(layer.kind, HFConv1DKind) and adapter_name in layer.r for _, layer in self.lora_layers()):
-            config.fan_in_fan_out = True
-        if config.target_modules == ALL_LINEAR:
-            config.target_modules = all_linear_suffixes(self.model)
+    def file_config(self, adapter_name: str, config: PeftConfig) -> PeftConfig:
+        """The config as the adapter file holds it (``config`` is a copy the caller owns; changed in place)."""
         return config
 
-    def after_save(self, adapter_name: str, config: LoraConfig, folder: str) -> None:
-        """Called once an adapter's files are written into ``folder`` (a method may add a report; LoRA adds none)."""
+    def after_save(self, adapter_name: str, config: PeftConfig, folder: str) -> None:
+        """Called once an adapter's files are written into ``folder`` (a method may add a report)."""
 
     def layer_file_state(self, name: str, layer: AdapterLayer, adapter: str) -> dict[str, torch.Tensor]:
         """The tensors an adapter file holds for ``layer`` (file key relative to the layer -> tensor)."""
@@ -232,15 +225,7 @@ class LoraModel(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(False)
 
-    def _adapter_dtype(self, layer: LoraLayer) -> torch.dtype:
-        dtype = layer.kind.base_weight(layer.base_layer).dtype
-        if not dtype.is_floating_point:
-            return torch.float32
-        if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
-            return torch.float32  # half-precision adapters lose small updates; keep them in fp32 as PEFT does
-        return dtype
-
-    def _add_modules_to_save(self, adapter_name: str, config: LoraConfig) -> None:
+    def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
         """Give ``adapter_name`` its own trainable copy of every module ``config.modules_to_save`` names.
 
         Raises:
@@ -352,7 +337,7 @@ class LoraModel(nn.Module):
         self._set_bias_trainable()
 
     def _set_bias_trainable(self) -> None:
-        owners = [n for n in self.active_adapters if self.peft_config[n].bias != "none"]
+        owners = [n for n in self.active_adapters if _bias(self.peft_config[n]) != "none"]
         config = self.peft_config[owners[0]] if owners else None
         if config is None or config.inference_mode:
             return
@@ -367,7 +352,7 @@ class LoraModel(nn.Module):
                 if name.rsplit(".", 1)[-1] == "bias" and id(param) not in wrapped:
                     param.requires_grad_(True)
         else:
-            for _, layer in self.lora_layers():
+            for _, layer in self.weight_layers():
                 bias = getattr(layer.base_layer, "bias", None)
                 if isinstance(bias, nn.Parameter):
                     bias.requires_grad_(True)
@@ -420,7 +405,7 @@ class LoraModel(nn.Module):
                 "adapter_names mixes adapters that train whole modules (modules_to_save); a batch can mix adapters "
                 "whose changes are all low-rank. Run these rows in separate batches with set_adapter"
             )
-        layers = [layer for layer in wrappers if isinstance(layer, LoraLayer)]
+        layers = [layer for layer in wrappers if isinstance(layer, self.layer_type)]
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
@@ -436,7 +421,7 @@ class LoraModel(nn.Module):
                 switching layers off; call ``unmerge_adapter()`` first.
         """
         layers = [layer for _, layer in self.adapter_layers()]
-        merged = sorted({a for layer in layers if isinstance(layer, LoraLayer) for a in layer.merged_adapters})
+        merged = sorted({a for layer in layers if isinstance(layer, self.layer_type) for a in layer.merged_adapters})
         if merged:
             raise MergeError(
                 f"adapters {merged} are merged into the base weights; call unmerge_adapter() before disabling them"
@@ -464,7 +449,7 @@ class LoraModel(nn.Module):
                 quantized (found before anything is written); the model is unchanged.
         """
         names = self._merge_names(adapter_names, safe_merge)
-        layers = [layer for _, layer in self.lora_layers()]
+        layers = [layer for _, layer in self.weight_layers()]
         for layer in layers:  # a quantized base is refused before any layer is written, safe_merge or not
             layer._refuse_quantized(layer._pending(names))
         for layer in layers:
@@ -483,7 +468,7 @@ class LoraModel(nn.Module):
         for name in names:
             self._check_adapter(name)
         if safe_merge:
-            for module_name, layer in self.lora_layers():
+            for module_name, layer in self.weight_layers():
                 try:
                     layer.check_merge(names, dequantize=dequantize, dtype=dequantize_dtype)
                 except MergeError as error:
@@ -491,7 +476,7 @@ class LoraModel(nn.Module):
         return names
 
     def unmerge(self) -> None:
-        for _, layer in self.lora_layers():
+        for _, layer in self.weight_layers():
             layer.unmerge()
 
     def unload(
@@ -512,9 +497,9 @@ class LoraModel(nn.Module):
         if merge:
             # refuse before dequantizing anything; with safe_merge every merged weight is checked here
             names = self._merge_names(adapter_names, safe_merge, dequantize=True, dequantize_dtype=dequantize_dtype)
-            for _, layer in self.lora_layers():
+            for _, layer in self.weight_layers():
                 layer.dequantize(dequantize_dtype)
-            for _, layer in self.lora_layers():
+            for _, layer in self.weight_layers():
                 layer.merge(names, safe_merge=safe_merge)
         else:
             self.unmerge()
@@ -536,6 +521,3 @@ class LoraModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
-
-
-register_method(LoraConfig, LoraModel)

@@ -35,9 +35,9 @@ from lorakit.errors import ConfigError
 from lorakit.io import atomic_write_bytes
 from lorakit.layers import LoraLayer
 from lorakit.layers.adalora import truncate
-from lorakit.tuner import LoraModel
 from lorakit.tuners.adalora.config import AdaLoraConfig
 from lorakit.tuners.lora.config import LoraConfig
+from lorakit.tuners.lora.model import LoraModel
 
 
 def budget_schedule(config: AdaLoraConfig, init_budget: int, target_budget: int, step: int) -> tuple[int, bool]:
@@ -142,6 +142,8 @@ class AdaLoraModel(LoraModel):
         rankallocator: the trainable adapter's :class:`RankAllocator` (None when every adapter is frozen).
         budget_history: ``(step, budget)`` at every allocation, for plots and tests.
     """
+
+    config_class = AdaLoraConfig
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from lorakit.layers import LoraLayer
 
 if TYPE_CHECKING:
-    from lorakit.tuner import LoraModel
+    from lorakit.tuners.lora.model import LoraModel
 
 FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 COMBINATIONS = ("svd", "cat", *FACTORWISE, *(f"{m}_svd" for m in FACTORWISE[1:]))
