@@ -203,8 +203,8 @@ class BaseTuner(nn.Module):
     def _check_config_type(self, config: PeftConfig) -> None:
         if not isinstance(config, self.config_class) or config.peft_type != self.config_class.PEFT_TYPE:
             raise ConfigError(
-                f"this model holds {self.config_class.NAME} adapters; a {config.peft_type.value} adapter cannot join them (PEFT keeps "
-                "one method per model as well): load it onto a separate model"
+                f"this model holds {self.config_class.NAME} adapters; a {config.peft_type.value} adapter cannot join "
+                "them (PEFT keeps one method per model as well): load it onto a separate model"
             )
 
     def _after_inject(self, adapter_name: str, config: PeftConfig) -> None:
