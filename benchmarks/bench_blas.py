@@ -5,7 +5,7 @@ comes (``LORAKIT_MKL_CBWR=0``) and one as ``import lorakit`` leaves it. Both cal
 (``lorakit train``'s default on CPU), so only MKL's setting differs. In each process:
 
 1. ``micro``: the 42 rank-8 products of one SmolLM2-135M decoder layer at 512 tokens (for each of the 7
-   projections: the 2 of forward and the 4 of backward that ``lorakit.layers.fused`` runs), the 14 full-size
+   projections: the 2 of forward and the 4 of backward that ``lorakit.tuners.lora.fused`` runs), the 14 full-size
    GEMMs of that layer (forward and input gradient), and the 7 projections' GEMMs at 1 and 32 rows (what
    generation runs), each summed over the layer, microseconds, median of ``--micro-rounds`` rounds;
 2. training steps as in ``bench_lora.py`` (SmolLM2-135M-Instruct, fp32, LoRA r=8 on the 7 projections,

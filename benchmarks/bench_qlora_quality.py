@@ -44,7 +44,7 @@ from models import load_smollm2  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.kbit import is_quantized_layer  # noqa: E402
-from lorakit.layers.loftq import loftq_factors, nf4_round_trip  # noqa: E402
+from lorakit.tuners.lora.loftq import loftq_factors, nf4_round_trip  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

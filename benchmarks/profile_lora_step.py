@@ -23,7 +23,7 @@ time by replacing ``LoraLayer.forward`` with a dispatcher and restored afterward
 4. ``--forward-formulations``: unmerged eval forward under ``inference_mode``, base model vs formulations.
 
 Formulations (see each function): ``shipped`` (lorakit as installed: the fused kernel of
-``lorakit.layers.fused`` where it applies, which is ``fused_layer_T``), ``generic`` (lorakit's unfused path),
+``lorakit.tuners.lora.fused`` where it applies, which is ``fused_layer_T``), ``generic`` (lorakit's unfused path),
 ``peft_style``, ``inplace_addmm``,
 ``delta_function``, ``fused_layer`` and the ``*_T`` versions, which lay the skinny GEMMs out as (r, N) so that
 MKL takes its fast path.
@@ -64,8 +64,8 @@ from bench_lora import (  # noqa: E402
 )
 from models import load_smollm2  # noqa: E402
 
-from lorakit.layers.fused import LoraLinearFunction  # noqa: E402
-from lorakit.layers.lora import LoraLayer  # noqa: E402
+from lorakit.tuners.lora.fused import LoraLinearFunction  # noqa: E402
+from lorakit.tuners.lora.layer import LoraLayer  # noqa: E402
 
 SHIPPED_FORWARD = LoraLayer.forward
 BATCH_TOKENS = BATCH * SEQ
@@ -268,7 +268,7 @@ def fw_fused_layer_t(layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
     if adapter is None or type(layer.base_layer) is not nn.Linear or not torch.is_grad_enabled():
         return SHIPPED_FORWARD(layer, x)
     base = layer.base_layer
-    return LoraLinearFunction.apply(  # what lorakit ships (lorakit.layers.fused)
+    return LoraLinearFunction.apply(  # what lorakit ships (lorakit.tuners.lora.fused)
         x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
     )
 

@@ -16,7 +16,15 @@ RANK = {
     "lorakit.cpu_blas": 0,
     "lorakit.io": 1,
     "lorakit.config": 2,
-    "lorakit.tuners": 2,  # the methods' rooms: configs at rank 2, tuners (model, combine) at rank 5
+    "lorakit.tuners": 2,  # the methods' rooms: configs at rank 2, layers at 3, tuners (model, combine) at 5
+    "lorakit.tuners.lora.layer": 3,
+    "lorakit.tuners.lora.delta": 3,
+    "lorakit.tuners.lora.variant": 3,
+    "lorakit.tuners.lora.dora": 3,
+    "lorakit.tuners.lora.fused": 3,
+    "lorakit.tuners.lora.mixed": 3,
+    "lorakit.tuners.lora.loftq": 3,
+    "lorakit.tuners.adalora.layer": 3,
     "lorakit.layers": 3,
     "lorakit.targeting": 4,
     "lorakit.kbit": 4,

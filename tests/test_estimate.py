@@ -157,7 +157,7 @@ def test_trained_adalora_config_counts_its_kept_ranks():
 
 def test_estimate_follows_the_tuner(monkeypatch):
     """No second set of rules: whatever injection creates is what the estimate counts."""
-    from lorakit.layers import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
     meta = build_meta_model(tiny_llama().config)
     config = LoraConfig(r=4, target_modules=["q_proj"])
@@ -353,6 +353,8 @@ def test_cli_targets_regex_rank_pattern_and_adapter_config(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["lora"]["adapter_params"] == 32 * 2 * 8192
     cli_estimate.run(parse("llama-2-7b", "--targets", r".*\.0\.self_attn\.q_proj", "--json"))
     assert json.loads(capsys.readouterr().out)["lora"]["adapter_params"] == 8 * 8192
+    cli_estimate.run(parse("gpt2", "--targets", "c_attn", "--dora", "--json"))  # + a magnitude per output
+    assert json.loads(capsys.readouterr().out)["lora"]["adapter_params"] == 12 * (8 * (768 + 2304) + 2304)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ import lorakit
 from conftest import input_ids, tiny_gpt2, tiny_llama
 from lorakit import LoraConfig, get_peft_model, prepare_model_for_kbit_training, quantize
 from lorakit.errors import ConfigError, MergeError
-from lorakit.layers import LoraLayer, kind_for
+from lorakit.layers import kind_for
+from lorakit.tuners.lora.layer import LoraLayer
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA tests need bitsandbytes (CI installs it)")
 
@@ -256,7 +257,7 @@ def test_quantizing_an_adapted_model_quantizes_only_the_base_layers():
 def test_loftq_factors_are_the_best_rank_r_fix_of_the_quantization_error():
     torch.manual_seed(0)
     w = torch.randn(48, 64) * 0.05
-    from lorakit.layers.loftq import loftq_factors, nf4_round_trip
+    from lorakit.tuners.lora.loftq import loftq_factors, nf4_round_trip
 
     q, a, b = loftq_factors(w, r=4, scaling=2.0, iters=1)
     torch.testing.assert_close(q, nf4_round_trip(w))

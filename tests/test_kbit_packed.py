@@ -22,8 +22,9 @@ from torch import nn
 import lorakit
 from conftest import input_ids, tiny_llama
 from lorakit import LoraConfig, get_peft_model, prepare_model_for_kbit_training, quantize
-from lorakit.layers import LoraLayer, kind_for
+from lorakit.layers import kind_for
 from lorakit.layers.quantized import dequantize_4bit_weight, is_bnb_layer, is_cpu_packed
+from lorakit.tuners.lora.layer import LoraLayer
 from test_kbit import pretend_avx512bf16
 
 bnbf = pytest.importorskip("bitsandbytes.functional", reason="QLoRA tests need bitsandbytes (CI installs it)")

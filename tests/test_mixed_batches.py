@@ -125,7 +125,7 @@ def test_the_concatenated_factors_follow_weight_changes():
 
 
 def _plans_used(model):
-    from lorakit.layers.lora import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
     plans = set()
     for layer in model.modules():

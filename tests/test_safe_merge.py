@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama
 from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import MergeError
-from lorakit.layers import LoraLayer
+from lorakit.tuners.lora.layer import LoraLayer
 
 LAST = "model.layers.1.self_attn.v_proj"  # the last layer the adapters below adapt
 

@@ -7,8 +7,8 @@ import pytest
 from conftest import tiny_gpt2, tiny_llama
 from lorakit import ConfigError, LoraConfig, TargetNotFoundError, get_peft_model
 from lorakit.config import pattern_value
-from lorakit.layers import LoraLayer
 from lorakit.targeting import layer_index, matches_selector, select_targets
+from lorakit.tuners.lora.layer import LoraLayer
 
 
 def adapted(model) -> list[str]:

@@ -19,7 +19,7 @@ from lorakit.errors import (
     UnsupportedModuleError,
 )
 from lorakit.kbit import prepare_model_for_kbit_training, quantize, replace_lora_weights_loftq
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_delta, lora_scaling
+from lorakit.layers import ModulesToSaveWrapper
 from lorakit.model import PeftModel
 from lorakit.tasks import (
     MODEL_TYPE_TO_PEFT_MODEL,
@@ -34,6 +34,8 @@ from lorakit.tasks import (
 from lorakit.tuners.adalora import AdaLoraConfig
 from lorakit.tuners.adalora.model import AdaLoraModel
 from lorakit.tuners.lora import LoraConfig
+from lorakit.tuners.lora.delta import lora_delta, lora_scaling
+from lorakit.tuners.lora.layer import LoraLayer
 from lorakit.tuners.lora.model import LoraModel
 
 __version__ = "0.1.0"

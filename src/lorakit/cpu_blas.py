@@ -1,7 +1,7 @@
 """Pick MKL's faster matrix-product path on AMD CPUs, once, at ``import lorakit``.
 
 A LoRA step runs six rank-r products per adapted layer next to each frozen GEMM: ``A xᵀ`` ``(r, N)``, the
-rank-r update of the output, and four more in backward (see :mod:`lorakit.layers.fused`). On AMD CPUs the MKL
+rank-r update of the output, and four more in backward (see :mod:`lorakit.tuners.lora.fused`). On AMD CPUs the MKL
 that PyTorch's CPU wheels link takes a slow route for these skinny shapes (r = 8 rows or columns against
 hundreds of tokens). Measured on this project's 2-core AMD EPYC machines in eight pairs of fresh processes
 (``python benchmarks/bench_blas.py --steps 0 --repeats 8``), summed over one SmolLM2-135M decoder layer at 512

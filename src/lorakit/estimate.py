@@ -30,10 +30,11 @@ from torch import nn
 from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import ConfigError, MissingDependencyError, ModelNotFoundError, suggest
 from lorakit.hub import DEFAULT_ALIASES, DEFAULT_MODEL, resolve_model
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers import ModulesToSaveWrapper
 from lorakit.layers.kinds import HFConv1D
 from lorakit.tasks import get_peft_model
 from lorakit.tuners.lora import LoraConfig
+from lorakit.tuners.lora.layer import LoraLayer
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, MissingDependencyError
-from lorakit.layers import AdapterLayer, LoraLayer, kind_for
+from lorakit.layers import AdapterLayer, kind_for
 from lorakit.layers.quantized import guard_cpu_repacking, is_bnb_layer
+from lorakit.tuners.lora.layer import LoraLayer
 
 try:
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -298,7 +299,7 @@ def replace_lora_weights_loftq(
         ConfigError: no adapted quantized layer, or an original weight that is missing or has another shape
             (the adapters are then left as they were).
     """
-    from lorakit.layers.loftq import loftq_fit_quantized
+    from lorakit.tuners.lora.loftq import loftq_fit_quantized
 
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     layers = {

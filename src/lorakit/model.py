@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit.config import TASK_HEADS, PeftConfig, PeftType, method_for
 from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
-from lorakit.layers.mixed import BASE_ROW
+from lorakit.layers.routing import BASE_ROW
 from lorakit.persistence import load_adapter_state, module_key, read_adapter, save_adapter, write_adapter
 
 
@@ -389,7 +389,7 @@ class PeftModel(nn.Module):
 
         Args:
             adapter_names: one adapter name per row of the batch (``"__base__"`` for none), eval mode only:
-                every row goes through its own adapter in one pass (:mod:`lorakit.layers.mixed`).
+                every row goes through its own adapter in one pass (:mod:`lorakit.tuners.lora.mixed`).
         """
         with self._rows(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)

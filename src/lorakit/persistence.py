@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from lorakit.config import CONFIG_NAME, PeftConfig
 from lorakit.errors import AdapterFileError, ShapeMismatchError
 from lorakit.io import atomic_write_files, reading_folder, resolve_adapter_file
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers import ModulesToSaveWrapper
+from lorakit.tuners.lora.layer import LoraLayer
 
 if TYPE_CHECKING:
     from lorakit.tuners.lora.model import LoraModel

@@ -77,8 +77,8 @@ def all_linear_suffixes(model: nn.Module) -> list[str]:
     ``q_proj``, and the modules inside an adapter layer (``base_layer``, ``lora_A.default``, ...) are not
     models' layers at all, so a second ``"all-linear"`` adapter selects the same modules as the first.
     """
+    from lorakit.layers.base import AdapterLayer
     from lorakit.layers.kinds import HFConv1D
-    from lorakit.layers.lora import AdapterLayer
 
     linear_types: tuple[type, ...] = (nn.Linear,) if HFConv1D is None else (nn.Linear, HFConv1D)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -105,7 +105,7 @@ def select_targets(model: nn.Module, config: PeftConfig) -> list[str]:
     Raises:
         TargetNotFoundError: nothing matched; the message lists module names close to what was asked for.
     """
-    from lorakit.layers.lora import AdapterLayer
+    from lorakit.layers.base import AdapterLayer
 
     targets = resolve_target_modules(model, config)
     wrapped_inner: set[int] = set()

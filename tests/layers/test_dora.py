@@ -17,9 +17,10 @@ from test_lora_layer import KINDS, functional, make_base
 from torch import nn
 
 from lorakit.errors import MergeError
-from lorakit.layers import LoraLayer, kind_for
-from lorakit.layers.dora import DoraVariant, dora_norm
-from lorakit.layers.fused import DoraLinearFunction
+from lorakit.layers import kind_for
+from lorakit.tuners.lora.dora import DoraVariant, dora_norm
+from lorakit.tuners.lora.fused import DoraLinearFunction
+from lorakit.tuners.lora.layer import LoraLayer
 
 
 def wrap_dora(base: nn.Module, r: int = 3, alpha: float = 5, grad_through_norm: bool = False, **kw) -> LoraLayer:

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit.layers import LoraLayer, kind_for
-from lorakit.layers import fused as fused_mod
-from lorakit.layers.fused import LoraLinearFunction
+from lorakit.layers import kind_for
+from lorakit.tuners.lora import fused as fused_mod
+from lorakit.tuners.lora.fused import LoraLinearFunction
+from lorakit.tuners.lora.layer import LoraLayer
 
 
 @pytest.mark.parametrize("bias", [True, False])

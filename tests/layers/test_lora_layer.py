@@ -13,7 +13,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError
-from lorakit.layers import LoraLayer, kind_for, lora_delta, lora_scaling
+from lorakit.layers import kind_for
+from lorakit.tuners.lora.delta import lora_delta, lora_scaling
+from lorakit.tuners.lora.layer import LoraLayer
 
 
 def wrap(base: nn.Module, r: int = 4, alpha: float = 8, init=False, **kw) -> LoraLayer:

@@ -142,7 +142,7 @@ def lora_config(args: argparse.Namespace) -> Any:
     from lorakit.tuners.lora import LoraConfig
 
     fields = (
-        "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern"
+        "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern use_dora"
     ).split()
     given = {f: getattr(args, f) for f in fields if hasattr(args, f)}
     if hasattr(args, "task"):
@@ -272,6 +272,8 @@ def print_estimate(res: dict[str, Any]) -> None:
         )
     if any(g["kind"] == "conv" for g in lora["groups"]):
         print("  (convolutions: A has r*k*kernel values, not r*k)")
+    if cfg.get("use_dora"):
+        print("  (DoRA: each also trains a magnitude per output, d values)")
     labels = {"modules_to_save_params": "in modules_to_save copies", "bias_params": "in trainable biases"}
     extra = [f"{lora[k]:,} {label}" for k, label in labels.items() if lora[k]]
     if extra:

@@ -179,7 +179,7 @@ def read_batch(path: str, adapters: dict[str, str], default: str | None) -> list
     from pathlib import Path
 
     from lorakit.errors import DataError
-    from lorakit.layers.mixed import BASE_ROW
+    from lorakit.layers.routing import BASE_ROW
 
     fallback = default or next(iter(adapters), BASE_ROW)
     rows = []

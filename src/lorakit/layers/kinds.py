@@ -3,7 +3,7 @@
 A *kind* is a stateless strategy that knows one base layer type's geometry: how many features go in and
 out, which factor modules to create, how the factors flatten to the matrices of :func:`lora_delta`, how ΔW
 maps back onto the base weight's layout, and how the adapter's output is added in the forward pass.
-:class:`~lorakit.layers.lora.LoraLayer` holds a kind and never branches on the base type itself.
+:class:`~lorakit.tuners.lora.layer.LoraLayer` holds a kind and never branches on the base type itself.
 
 Layouts (PyTorch conventions):
 
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import UnsupportedModuleError
-from lorakit.layers.fused import DoraLinearFunction, LoraLinearFunction
+from lorakit.tuners.lora.fused import DoraLinearFunction, LoraLinearFunction
 
 if TYPE_CHECKING:
-    from lorakit.layers.lora import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
 try:  # transformers is a dependency, but keep the layers importable without it
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -182,7 +182,7 @@ class LinearKind(LayerKind):
         """One fused computation of ``base(x) + s·B A x`` (DoRA: rescaled by ``scale`` before the bias), taken
         only where it equals the generic path.
 
-        With gradients needed: the autograd kernels of :mod:`lorakit.layers.fused`. Without (inference, or
+        With gradients needed: the autograd kernels of :mod:`lorakit.tuners.lora.fused`. Without (inference, or
         nothing requires grad): the base GEMM, then the rank-r update and the rescale applied in place.
         """
         base = layer.base_layer

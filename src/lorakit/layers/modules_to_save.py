@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError
-from lorakit.layers.lora import AdapterLayer
+from lorakit.layers.base import AdapterLayer
 
 
 class ModulesToSaveWrapper(AdapterLayer):

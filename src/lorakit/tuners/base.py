@@ -29,10 +29,10 @@ from lorakit.errors import (
 )
 from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, ModulesToSaveWrapper, kind_for
+from lorakit.layers.base import ActiveAdapters
 from lorakit.layers.kinds import supported_type_names
-from lorakit.layers.lora import ActiveAdapters
-from lorakit.layers.mixed import BASE_ROW, RowRouting, routed
 from lorakit.layers.quantized import guard_model_repacking
+from lorakit.layers.routing import BASE_ROW, RowRouting, routed
 from lorakit.targeting import is_module_to_save, select_targets
 
 
@@ -301,7 +301,7 @@ class BaseTuner(nn.Module):
         """Make these adapters the active ones; only their parameters require grad (unless inference_mode).
 
         Constant time when every adapter is in inference mode (as loaded for serving): the layers all read one
-        shared :class:`~lorakit.layers.lora.ActiveAdapters`, so switching is one assignment, whatever the number
+        shared :class:`~lorakit.tuners.lora.layer.ActiveAdapters`, so switching is one assignment, whatever the number
         of layers or adapters, and no weight is touched. Adapters loaded for training also get their parameters'
         ``requires_grad`` set (a walk over those adapters' parameters, as in PEFT); inference-mode adapters stay
         frozen, as injection left them.

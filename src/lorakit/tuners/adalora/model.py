@@ -1,6 +1,6 @@
 """AdaLoRA's schedule (Zhang et al. 2023, arXiv 2303.10512): importance, budget, masks, truncation.
 
-The layers hold each adapter in SVD form (:mod:`lorakit.layers.adalora`); this module decides which of the
+The layers hold each adapter in SVD form (:mod:`lorakit.tuners.adalora.layer`); this module decides which of the
 triplets (A_i, λ_i, B_i) survive. Paper §3.2–3.3 and Algorithm 1, with PEFT's conventions:
 
 * sensitivity of every adapter weight, I = |w · ∂L/∂w|, smoothed Ī ← β1 Ī + (1 − β1) I, and its uncertainty
@@ -33,10 +33,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from lorakit.config import PeftType, register_method
 from lorakit.errors import ConfigError
 from lorakit.io import atomic_write_bytes
-from lorakit.layers import LoraLayer
-from lorakit.layers.adalora import truncate
 from lorakit.tuners.adalora.config import AdaLoraConfig
+from lorakit.tuners.adalora.layer import truncate
 from lorakit.tuners.lora.config import LoraConfig
+from lorakit.tuners.lora.layer import LoraLayer
 from lorakit.tuners.lora.model import LoraModel
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError, suggest
-from lorakit.layers import LoraLayer
+from lorakit.tuners.lora.layer import LoraLayer
 
 if TYPE_CHECKING:
     from lorakit.tuners.lora.model import LoraModel

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from lorakit.config import pattern_value, register_method
-from lorakit.layers import LoraLayer
 from lorakit.layers.kinds import HFConv1DKind
 from lorakit.targeting import ALL_LINEAR, all_linear_suffixes
 from lorakit.tuners.base import BaseTuner
 from lorakit.tuners.lora.combine import add_weighted_adapter
 from lorakit.tuners.lora.config import LoraConfig
+from lorakit.tuners.lora.layer import LoraLayer
 
 
 class LoraModel(BaseTuner):

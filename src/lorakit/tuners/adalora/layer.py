@@ -7,7 +7,7 @@ An AdaLoRA adapter is a LoRA adapter whose rank-r update carries a third factor,
 
 where r₀ is the rank the adapter was created with (``init_r``): the scale stays fixed while triplets are
 masked (λ_i = 0) or removed, so cutting a triplet never rescales the others (PEFT's convention). Reducing
-(A ⊙ E, B) to the plain (A, B) pair of :func:`~lorakit.layers.delta.lora_delta` lets merge, unmerge and
+(A ⊙ E, B) to the plain (A, B) pair of :func:`~lorakit.tuners.lora.delta.lora_delta` lets merge, unmerge and
 export reuse LoRA's code unchanged; this variant only adds E, folds it in, and can drop triplets for good
 (:func:`truncate`). The schedule that decides which triplets to keep lives in :mod:`lorakit.tuners.adalora.model`.
 
@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import UnsupportedModuleError
-from lorakit.layers.variant import LoraVariant
+from lorakit.tuners.lora.layer import VARIANTS
+from lorakit.tuners.lora.variant import LoraVariant
 
 if TYPE_CHECKING:
-    from lorakit.layers.lora import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
 #: Layer kinds whose adapter acts on the input's last dimension (x Aᵀ Bᵀ), where AdaLoRA applies.
 SVD_KINDS = ("linear", "conv1d_hf", "linear4bit", "linear8bit")
@@ -121,3 +122,6 @@ def truncate(layer: LoraLayer, adapter: str, keep: torch.Tensor) -> None:
     fresh_b.requires_grad_(b.requires_grad)
     layer.r[adapter] = int(idx.numel())
     layer.adapters_stamp += 1
+
+
+VARIANTS["adalora"] = AdaLoraVariant()  # LoRA's layer runs AdaLoRA adapters through this variant

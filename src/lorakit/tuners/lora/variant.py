@@ -1,8 +1,8 @@
 """How an adapter's update enters the layer: the strategy interface, and plain LoRA.
 
-A :class:`~lorakit.layers.lora.LoraLayer` holds, per adapter, a *variant*: a stateless strategy that decides
+A :class:`~lorakit.tuners.lora.layer.LoraLayer` holds, per adapter, a *variant*: a stateless strategy that decides
 how that adapter changes the layer's output and its base weight. Plain LoRA adds ``s · B A x``; DoRA
-(:mod:`lorakit.layers.dora`) rescales the result per output feature. Per-adapter state (factors, magnitudes,
+(:mod:`lorakit.tuners.lora.dora`) rescales the result per output feature. Per-adapter state (factors, magnitudes,
 merge records) lives on the layer; variants only compute. The layer's geometry (Linear, Conv, Embedding…)
 is the other, independent strategy (:mod:`lorakit.layers.kinds`), so every variant works on every kind.
 """
@@ -17,7 +17,7 @@ from torch import nn
 from lorakit.errors import MergeError
 
 if TYPE_CHECKING:
-    from lorakit.layers.lora import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
 
 class LoraVariant:

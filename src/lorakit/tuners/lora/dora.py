@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lorakit.layers.variant import LoraVariant, _commit_finite
+from lorakit.tuners.lora.variant import LoraVariant, _commit_finite
 
 if TYPE_CHECKING:
-    from lorakit.layers.lora import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
 
 def dora_norm(w_sq: torch.Tensor, a_mt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -219,7 +219,7 @@ class DoraVariant(LoraVariant):
 
     def fast_forward(self, layer: LoraLayer, adapter: str, x: torch.Tensor) -> torch.Tensor | None:
         """Plain ``nn.Linear``: LoRA's fused product and the rescale in one kernel (see
-        :class:`~lorakit.layers.fused.DoraLinearFunction`); without grad, everything after the base GEMM is
+        :class:`~lorakit.tuners.lora.fused.DoraLinearFunction`); without grad, everything after the base GEMM is
         in place."""
         if not layer.kind.has_fused_forward:
             return None

@@ -21,7 +21,7 @@ import torch
 from lorakit.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
-    from lorakit.layers.lora import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
 
 def nf4_round_trip(weight: torch.Tensor, double_quant: bool = True) -> torch.Tensor:

@@ -8,131 +8,24 @@ records it — switching ``train()``/``eval()`` never touches weights.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
-from lorakit.layers.adalora import AdaLoraVariant
-from lorakit.layers.delta import lora_delta, lora_scaling
-from lorakit.layers.dora import DoraVariant
+from lorakit.layers.base import AdapterLayer
 from lorakit.layers.kinds import LayerKind, kind_for
-from lorakit.layers.loftq import loftq_initialize
-from lorakit.layers.mixed import ROUTES, RowRouting, mixed_forward
-from lorakit.layers.variant import LoraVariant, check_finite
+from lorakit.layers.routing import ROUTES, RowRouting
+from lorakit.tuners.lora.delta import lora_delta, lora_scaling
+from lorakit.tuners.lora.dora import DoraVariant
+from lorakit.tuners.lora.loftq import loftq_initialize
+from lorakit.tuners.lora.mixed import mixed_forward
+from lorakit.tuners.lora.variant import LoraVariant, check_finite
 
-#: The variants an adapter can use, by name (:mod:`lorakit.layers.variant`); stateless, so shared.
-VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant(), "adalora": AdaLoraVariant()}
-#: Versions of active sets, unique across threads (``next`` on a count is atomic): two switches at once never
-#: produce the same version for different names.
-_VERSIONS = itertools.count(1)
-
-
-class ActiveAdapters:
-    """The active adapters of one model: a single object that all of the model's adapter layers read.
-
-    ``set_adapter`` replaces ``state``, the pair ``(names, version)``, in one assignment (a reader in another
-    thread sees the old pair or the new one, never a mix); each layer works out its own active list (the names
-    it holds, in order) on its next forward. A switch therefore costs the same on a model of 10 or 10,000 adapter
-    layers and touches no weight. A layer told directly what to run (:meth:`AdapterLayer.set_active`) stops
-    following this object.
-    """
-
-    __slots__ = ("state", "detached")
-
-    def __init__(self, names: list[str] | tuple[str, ...] = ()) -> None:
-        self.state: tuple[tuple[str, ...], int] = (tuple(names), 0)
-        self.detached = 0  # layers that stopped following since the last set_adapter
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.state[0]
-
-    @property
-    def version(self) -> int:
-        return self.state[1]
-
-    def set(self, names: list[str] | tuple[str, ...]) -> None:
-        self.state = (tuple(names), next(_VERSIONS))
-
-
-class AdapterLayer(nn.Module):
-    """Marker base for every module that lorakit inserts into a model (found by type, never by name).
-
-    ``active_adapters`` is the layer's own list when it was set on the layer, otherwise the model-wide
-    :class:`ActiveAdapters` it follows, filtered to the adapters it holds (recomputed only when that object or
-    the layer's adapters change: ``adapters_stamp``). The cache is one tuple ``(version, stamp, list)``, stored
-    in one assignment, so a thread never pairs one version's key with another's list.
-    """
-
-    adapters_stamp = 0  # bumped whenever an adapter is added, removed or reshaped (caches key on it)
-
-    @property
-    def active_adapters(self) -> list[str]:
-        state = self.__dict__
-        source = state.get("_active_source")
-        if source is None:
-            return state.setdefault("_own_active", [])
-        names, version = source.state
-        stamp = self.adapters_stamp
-        cached = state.get("_active_cache")
-        if cached is not None and cached[0] == version and cached[1] == stamp:
-            return cached[2]
-        held = self.adapter_names()
-        active = self._runnable([a for a in names if a in held])
-        state["_active_cache"] = (version, stamp, active)
-        return active
-
-    @active_adapters.setter
-    def active_adapters(self, names: list[str]) -> None:
-        source = self.__dict__.get("_active_source")
-        if source is not None:
-            source.detached += 1
-        self.__dict__["_active_source"] = None
-        self.__dict__["_own_active"] = list(names)
-
-    def follow(self, source: ActiveAdapters) -> None:
-        """Take the active adapters from ``source`` (shared by every layer of a model) from now on."""
-        self.__dict__["_active_source"] = source
-        self.__dict__.pop("_active_cache", None)
-
-    def _runnable(self, held_active: list[str]) -> list[str]:
-        """Of the active adapters this layer holds, those it applies (all of them; one for a module copy)."""
-        return held_active
-
-    def set_active(self, adapters: list[str]) -> None:
-        """Apply these adapters (those this layer holds) here, whatever the model-wide choice."""
-        held = self.adapter_names()
-        self.active_adapters = self._runnable([a for a in adapters if a in held])
-
-    def _forget(self, adapter: str) -> None:
-        """After deleting ``adapter``: a list of this layer's own no longer names it."""
-        self.adapters_stamp += 1
-        if self.__dict__.get("_active_source") is None:
-            self.active_adapters = [a for a in self.active_adapters if a != adapter]
-
-    def adapter_names(self) -> list[str]:
-        raise NotImplementedError
-
-    def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors keyed as in PEFT's files (relative to this module, without the name)."""
-        raise NotImplementedError
-
-    def adapter_param_key(self, adapter: str, file_key: str) -> str:
-        """The ``state_dict`` key (relative to this module) of a tensor named ``file_key`` in the file."""
-        raise NotImplementedError
-
-    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
-        raise NotImplementedError
-
-    def delete(self, adapter: str) -> None:
-        raise NotImplementedError
-
-    def original(self) -> nn.Module:
-        """The module this wrapper replaced."""
-        raise NotImplementedError
+#: The variants an adapter can use, by name (:mod:`lorakit.tuners.lora.variant`); stateless, so shared.
+#: Other methods built on LoRA's layer add theirs (AdaLoRA registers "adalora" in :mod:`lorakit.tuners.adalora.layer`).
+VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant()}
 
 
 class LoraLayer(AdapterLayer):
@@ -141,15 +34,15 @@ class LoraLayer(AdapterLayer):
     Attributes:
         base_layer: the wrapped, frozen module (``nn.Linear``, ``nn.Embedding``, ``nn.ConvNd``, ``Conv1D``).
         kind: the :class:`~lorakit.layers.kinds.LayerKind` strategy for the base layer's geometry.
-        variant: per adapter, the :class:`~lorakit.layers.variant.LoraVariant` strategy (plain LoRA or DoRA)
+        variant: per adapter, the :class:`~lorakit.tuners.lora.variant.LoraVariant` strategy (plain LoRA or DoRA)
             that decides how the update enters the output and the weight.
         lora_magnitude_vector: DoRA magnitudes, per DoRA adapter (PEFT's attribute name and state-dict keys).
         r, lora_alpha, scaling: per-adapter rank, alpha and s.
         active_adapters: adapters applied in ``forward`` (in order).
         merged_adapters: adapters whose ΔW currently sits inside ``base_layer``'s weight.
         disable_adapters: when True, ``forward`` returns ``base_layer``'s output alone.
-        row_adapters: the :class:`~lorakit.layers.mixed.RowRouting` of the mixed-adapter call running in this
-            thread (context), or None (read-only; set by :func:`~lorakit.layers.mixed.routed`).
+        row_adapters: the :class:`~lorakit.layers.routing.RowRouting` of the mixed-adapter call running in this
+            thread (context), or None (read-only; set by :func:`~lorakit.layers.routing.routed`).
     """
 
     def __init__(self, base_layer: nn.Module, kind: LayerKind) -> None:
@@ -192,10 +85,10 @@ class LoraLayer(AdapterLayer):
 
         Args:
             dtype: dtype of A and B (and of DoRA's magnitude); defaults to the base weight's floating dtype.
-            use_dora: make it a DoRA adapter (:mod:`lorakit.layers.dora`): a magnitude per output feature,
+            use_dora: make it a DoRA adapter (:mod:`lorakit.tuners.lora.dora`): a magnitude per output feature,
                 initialised so that the layer's output is unchanged.
             loftq_config: with ``init_lora_weights="loftq"``, the arguments of
-                :func:`~lorakit.layers.loftq.loftq_initialize` (which also rewrites the base weight to Q).
+                :func:`~lorakit.tuners.lora.loftq.loftq_initialize` (which also rewrites the base weight to Q).
             variant: the update's form by name (``VARIANTS``: "lora", "dora", "adalora"); default from
                 ``use_dora``.
 
@@ -296,7 +189,7 @@ class LoraLayer(AdapterLayer):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold each adapter (default: the active ones) into the base weight, in place, in the given order.
 
-        Plain LoRA adds ΔW; DoRA rescales the rows of W + ΔW (:mod:`lorakit.layers.dora`). The weight is
+        Plain LoRA adds ΔW; DoRA rescales the rows of W + ΔW (:mod:`lorakit.tuners.lora.dora`). The weight is
         changed in place under ``no_grad``, which bumps its version counter (caches keyed on it see it).
 
         Args:
@@ -397,7 +290,7 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
-        routes = ROUTES.get()  # each row its own adapter, for this call only (lorakit.layers.mixed)
+        routes = ROUTES.get()  # each row its own adapter, for this call only (lorakit.tuners.lora.mixed)
         if routes is not None:
             routing = routes.get(self)
             if routing is not None:

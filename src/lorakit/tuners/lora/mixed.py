@@ -33,26 +33,19 @@ complete one.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from lorakit.errors import UnsupportedModuleError
+from lorakit.layers.routing import RowRouting
 
 if TYPE_CHECKING:
-    from lorakit.layers.lora import LoraLayer
+    from lorakit.tuners.lora.layer import LoraLayer
 
-#: The row name that means "the base model, no adapter" (PEFT's spelling).
-BASE_ROW = "__base__"
 #: Layer kinds whose adapter acts on the input's last dimension, where rows can be mixed.
 MIXABLE_KINDS = ("linear", "conv1d_hf", "linear4bit", "linear8bit")
-#: The routings in force in this context (thread, asyncio task): layer -> the routing of the call that set it.
-#: Never changed in place: :func:`routed` sets a new dict and restores the old one.
-ROUTES: ContextVar[dict[LoraLayer, RowRouting] | None] = ContextVar("lorakit_row_routes", default=None)
 
 
 class _Plan:
@@ -166,52 +159,6 @@ def _watched(layer: LoraLayer, adapters: tuple[str, ...]) -> list[tuple[torch.Te
 
 def _fresh(watched: list[tuple[torch.Tensor, int, int]]) -> bool:
     return all(t._version == version and t.data_ptr() == ptr for t, version, ptr in watched)
-
-
-class RowRouting:
-    """Which adapter each row of the batches in one call (a forward, or a whole ``generate``) goes through.
-
-    One object per call, shared by the layers of the called model and by no other call (see :func:`routed`). It
-    remembers, per layer, the pack and plan that layer used, so from the second forward of a generation on
-    (every new token) a layer goes straight to its GEMMs: the factors are checked for changes once per call, not
-    once per token (they cannot change while a forward runs).
-    """
-
-    __slots__ = ("names", "adapters", "_rows", "_seen")
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = tuple(names)
-        self.adapters = tuple(dict.fromkeys(names))  # each name once, in order of first use
-        self._rows: dict[int, tuple[str, ...]] = {}
-        self._seen: dict[LoraLayer, tuple[int, torch.dtype, _Pack | None, _Plan | None]] = {}
-
-    def rows(self, batch: int) -> tuple[str, ...]:
-        """The names stretched to ``batch`` rows when generation repeats each row (beam search, several samples)."""
-        got = self._rows.get(batch)
-        if got is None:
-            if batch == len(self.names):
-                got = self.names
-            elif batch % len(self.names) == 0:
-                got = tuple(n for n in self.names for _ in range(batch // len(self.names)))
-            else:
-                raise ValueError(f"adapter_names has {len(self.names)} entries for a batch of {batch} rows")
-            self._rows[batch] = got
-        return got
-
-
-@contextlib.contextmanager
-def routed(layers: Iterable[LoraLayer], routing: RowRouting) -> Iterator[None]:
-    """Inside the block, and only in the current context (thread, asyncio task), ``layers`` run ``routing``.
-
-    Routings nest: the layers of a model called inside the block keep their own routing, or none.
-    """
-    outer = ROUTES.get()
-    routes = dict.fromkeys(layers, routing)
-    token = ROUTES.set(routes if outer is None else {**outer, **routes})
-    try:
-        yield
-    finally:
-        ROUTES.reset(token)
 
 
 def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: RowRouting, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""What every adapter layer of every method shares: :class:`AdapterLayer` (found by type, never by name) and the
+model-wide :class:`ActiveAdapters` that all of a model's layers read."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+#: Versions of active sets, unique across threads (``next`` on a count is atomic): two switches at once never
+#: produce the same version for different names.
+_VERSIONS = itertools.count(1)
+
+
+class ActiveAdapters:
+    """The active adapters of one model: a single object that all of the model's adapter layers read.
+
+    ``set_adapter`` replaces ``state``, the pair ``(names, version)``, in one assignment (a reader in another
+    thread sees the old pair or the new one, never a mix); each layer works out its own active list (the names
+    it holds, in order) on its next forward. A switch therefore costs the same on a model of 10 or 10,000 adapter
+    layers and touches no weight. A layer told directly what to run (:meth:`AdapterLayer.set_active`) stops
+    following this object.
+    """
+
+    __slots__ = ("state", "detached")
+
+    def __init__(self, names: list[str] | tuple[str, ...] = ()) -> None:
+        self.state: tuple[tuple[str, ...], int] = (tuple(names), 0)
+        self.detached = 0  # layers that stopped following since the last set_adapter
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.state[0]
+
+    @property
+    def version(self) -> int:
+        return self.state[1]
+
+    def set(self, names: list[str] | tuple[str, ...]) -> None:
+        self.state = (tuple(names), next(_VERSIONS))
+
+
+class AdapterLayer(nn.Module):
+    """Marker base for every module that lorakit inserts into a model (found by type, never by name).
+
+    ``active_adapters`` is the layer's own list when it was set on the layer, otherwise the model-wide
+    :class:`ActiveAdapters` it follows, filtered to the adapters it holds (recomputed only when that object or
+    the layer's adapters change: ``adapters_stamp``). The cache is one tuple ``(version, stamp, list)``, stored
+    in one assignment, so a thread never pairs one version's key with another's list.
+    """
+
+    adapters_stamp = 0  # bumped whenever an adapter is added, removed or reshaped (caches key on it)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        state = self.__dict__
+        source = state.get("_active_source")
+        if source is None:
+            return state.setdefault("_own_active", [])
+        names, version = source.state
+        stamp = self.adapters_stamp
+        cached = state.get("_active_cache")
+        if cached is not None and cached[0] == version and cached[1] == stamp:
+            return cached[2]
+        held = self.adapter_names()
+        active = self._runnable([a for a in names if a in held])
+        state["_active_cache"] = (version, stamp, active)
+        return active
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        source = self.__dict__.get("_active_source")
+        if source is not None:
+            source.detached += 1
+        self.__dict__["_active_source"] = None
+        self.__dict__["_own_active"] = list(names)
+
+    def follow(self, source: ActiveAdapters) -> None:
+        """Take the active adapters from ``source`` (shared by every layer of a model) from now on."""
+        self.__dict__["_active_source"] = source
+        self.__dict__.pop("_active_cache", None)
+
+    def _runnable(self, held_active: list[str]) -> list[str]:
+        """Of the active adapters this layer holds, those it applies (all of them; one for a module copy)."""
+        return held_active
+
+    def set_active(self, adapters: list[str]) -> None:
+        """Apply these adapters (those this layer holds) here, whatever the model-wide choice."""
+        held = self.adapter_names()
+        self.active_adapters = self._runnable([a for a in adapters if a in held])
+
+    def _forget(self, adapter: str) -> None:
+        """After deleting ``adapter``: a list of this layer's own no longer names it."""
+        self.adapters_stamp += 1
+        if self.__dict__.get("_active_source") is None:
+            self.active_adapters = [a for a in self.active_adapters if a != adapter]
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_state(self, adapter: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed as in PEFT's files (relative to this module, without the name)."""
+        raise NotImplementedError
+
+    def adapter_param_key(self, adapter: str, file_key: str) -> str:
+        """The ``state_dict`` key (relative to this module) of a tensor named ``file_key`` in the file."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def delete(self, adapter: str) -> None:
+        raise NotImplementedError
+
+    def original(self) -> nn.Module:
+        """The module this wrapper replaced."""
+        raise NotImplementedError

@@ -1,0 +1,71 @@
+"""Which adapter each row of a batch goes through, for one call: per-call state kept in a context variable.
+
+:func:`routed` makes a :class:`RowRouting` the one the given layers follow, in the current thread or asyncio
+task only, and only for the layers of the model that was called (a model called inside another model's forward
+keeps its own rows). Any method's layers can read it (:data:`ROUTES`); LoRA's use it in
+:mod:`lorakit.tuners.lora.mixed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The row name that means "the base model, no adapter" (PEFT's spelling).
+BASE_ROW = "__base__"
+
+
+class RowRouting:
+    """Which adapter each row of the batches in one call (a forward, or a whole ``generate``) goes through.
+
+    One object per call, shared by the layers of the called model and by no other call (see :func:`routed`). It
+    remembers, per layer, the pack and plan that layer used, so from the second forward of a generation on
+    (every new token) a layer goes straight to its GEMMs: the factors are checked for changes once per call, not
+    once per token (they cannot change while a forward runs).
+    """
+
+    __slots__ = ("names", "adapters", "_rows", "_seen")
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = tuple(names)
+        self.adapters = tuple(dict.fromkeys(names))  # each name once, in order of first use
+        self._rows: dict[int, tuple[str, ...]] = {}
+        self._seen: dict[nn.Module, tuple[int, torch.dtype, Any, Any]] = {}
+
+    def rows(self, batch: int) -> tuple[str, ...]:
+        """The names stretched to ``batch`` rows when generation repeats each row (beam search, several samples)."""
+        got = self._rows.get(batch)
+        if got is None:
+            if batch == len(self.names):
+                got = self.names
+            elif batch % len(self.names) == 0:
+                got = tuple(n for n in self.names for _ in range(batch // len(self.names)))
+            else:
+                raise ValueError(f"adapter_names has {len(self.names)} entries for a batch of {batch} rows")
+            self._rows[batch] = got
+        return got
+
+
+#: The routings in force in this context (thread, asyncio task): layer -> the routing of the call that set it.
+#: Never changed in place: :func:`routed` sets a new dict and restores the old one.
+ROUTES: ContextVar[dict[nn.Module, RowRouting] | None] = ContextVar("lorakit_row_routes", default=None)
+
+
+@contextlib.contextmanager
+def routed(layers: Iterable[nn.Module], routing: RowRouting) -> Iterator[None]:
+    """Inside the block, and only in the current context (thread, asyncio task), ``layers`` run ``routing``.
+
+    Routings nest: the layers of a model called inside the block keep their own routing, or none.
+    """
+    outer = ROUTES.get()
+    routes = dict.fromkeys(layers, routing)
+    token = ROUTES.set(routes if outer is None else {**outer, **routes})
+    try:
+        yield
+    finally:
+        ROUTES.reset(token)
