@@ -309,13 +309,8 @@ def count_parameters(model: nn.Module, config: PeftConfig) -> ParameterEstimate:
         config = dataclasses.replace(config, inference_mode=False)
         if getattr(config, "init_lora_weights", None) == "loftq":
             config = dataclasses.replace(config, init_lora_weights=True)
-    try:
-        with torch.device("meta"):  # the adapter's own tensors are created without storage too
-            adapted = get_peft_model(base, config)
-    except (NotImplementedError, RuntimeError):
-        # injection read values from a tensor it made without a device (AdaLoRA's kept-triplet mask of a trained
-        # config): make the adapter's tensors on the CPU then, where they are moved to the base's meta device
-        adapted = get_peft_model(_meta_copy(model), config)
+    with torch.device("meta"):  # the adapter's own tensors are created without storage too
+        adapted = get_peft_model(base, config)
     adapter = adapted.active_adapter
     counted: set[int] = set()
     for name, layer in adapted.base_model.adapter_layers():

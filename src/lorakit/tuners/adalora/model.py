@@ -331,7 +331,7 @@ class AdaLoraModel(LoraModel):
             if mask is None:
                 continue
             if len(mask) == layer.r[adapter_name]:
-                truncate(layer, adapter_name, torch.tensor(mask, dtype=torch.bool))
+                truncate(layer, adapter_name, torch.tensor(mask, dtype=torch.bool, device="cpu"))
             elif strict or layer.r[adapter_name] != sum(mask):
                 raise ConfigError(
                     f"rank_pattern[{name + '.lora_E'!r}] has {len(mask)} entries but the layer has rank "
