@@ -24,6 +24,7 @@ RANK = {
     "lorakit.tuners.lora.fused": 3,
     "lorakit.tuners.lora.mixed": 3,
     "lorakit.tuners.lora.loftq": 3,
+    "lorakit.tuners.lora.kinds": 3,
     "lorakit.tuners.adalora.layer": 3,
     "lorakit.layers": 3,
     "lorakit.targeting": 4,
@@ -100,7 +101,7 @@ def test_files_stay_small():
     assert not big, f"files over 600 lines (probably two ideas): {big}"
 
 
-GENERIC = ["lorakit.config", "lorakit.model"]
+GENERIC = ["lorakit.config", "lorakit.model", "lorakit.layers.kinds", "lorakit.layers.base", "lorakit.layers.routing"]
 METHODS = ("lorakit.tuners",)
 
 

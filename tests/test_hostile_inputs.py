@@ -196,12 +196,12 @@ def test_a_rank_is_checked_against_the_file_before_anything_is_allocated(saved, 
     data = json.loads((saved / "adapter_config.json").read_text())
     data["r"] = 10**9
     (saved / "adapter_config.json").write_text(json.dumps(data))
-    from lorakit.layers import kinds
+    from lorakit.tuners.lora import kinds
 
     def no_allocation(*args, **kwargs):
         raise AssertionError("factors were allocated before the rank was checked")
 
-    monkeypatch.setattr(kinds.LinearKind, "create", no_allocation)
+    monkeypatch.setattr(kinds.LinearOps, "create", no_allocation)
     with pytest.raises(ShapeMismatchError, match="rank 1000000000.*holds rank 4"):
         PeftModel.from_pretrained(tiny_llama(), saved)
     data["r"], data["rank_pattern"] = 4, {"v_proj": 10**9}

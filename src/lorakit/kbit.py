@@ -129,8 +129,7 @@ def quantize(
                         "(a quantized weight could not be unmerged exactly)"
                     )
                 dtypes.append(module.base_layer.weight.dtype)
-                module.base_layer = _quantized(bnb, module.base_layer, bits, quant_type, double_quant, compute_dtype)
-                module.kind = kind_for(module.base_layer)
+                module.replace_base(_quantized(bnb, module.base_layer, bits, quant_type, double_quant, compute_dtype))
             continue
         if id(module) in inside or not _convertible(module):
             continue  # adapter factors and trained copies stay in full precision

@@ -166,7 +166,6 @@ def _save_in_reference_layout(module: nn.Module, prefix: str, keep_vars: bool) -
 class QuantizedLinearKind(LinearKind):
     """Shared geometry of bitsandbytes linears: ``(out, in)`` weights stored quantized, inputs like nn.Linear."""
 
-    has_fused_forward = False  # their forward is their own (dequantize + matmul)
     quantized = True
 
     def features(self, base: nn.Module) -> tuple[int, int]:
@@ -208,10 +207,6 @@ class Linear4bitKind(QuantizedLinearKind):
 
     def compute_dtype(self, base: nn.Module) -> torch.dtype:
         return base.compute_dtype or torch.float32
-
-    def create(self, layer: nn.Module, adapter: str, r: int) -> tuple[nn.Module, nn.Module]:
-        guard_cpu_repacking(layer.base_layer)  # a layer transformers loaded meets lorakit here first
-        return super().create(layer, adapter, r)
 
     def dequantized_weight(self, base: nn.Module) -> torch.Tensor:
         return dequantize_4bit_weight(base).to(self.compute_dtype(base))

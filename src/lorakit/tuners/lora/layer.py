@@ -19,6 +19,7 @@ from lorakit.layers.kinds import LayerKind, kind_for
 from lorakit.layers.routing import ROUTES, RowRouting
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
 from lorakit.tuners.lora.dora import DoraVariant
+from lorakit.tuners.lora.kinds import lora_kind
 from lorakit.tuners.lora.loftq import loftq_initialize
 from lorakit.tuners.lora.mixed import mixed_forward
 from lorakit.tuners.lora.variant import LoraVariant, check_finite
@@ -48,9 +49,9 @@ class LoraLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, kind: LayerKind) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.kind = kind
-        self.in_features, self.out_features = kind.features(base_layer)
-        for container in kind.containers:
+        self.kind = lora_kind(kind)  # the base's geometry with LoRA's factors (lorakit.tuners.lora.kinds)
+        self.in_features, self.out_features = self.kind.features(base_layer)
+        for container in self.kind.containers:
             holder = nn.ParameterDict() if container.startswith("lora_embedding") else nn.ModuleDict()
             setattr(self, container, holder)
         self.lora_dropout = nn.ModuleDict()
@@ -282,8 +283,12 @@ class LoraLayer(AdapterLayer):
         default the layer's compute dtype); nothing happens for an unquantized base."""
         if not self.kind.quantized:
             return
-        self.base_layer = self.kind.dequantize(self.base_layer, dtype)
-        self.kind = kind_for(self.base_layer)
+        self.replace_base(self.kind.dequantize(self.base_layer, dtype))
+
+    def replace_base(self, base_layer: nn.Module) -> None:
+        """Hold ``base_layer`` (same features: a quantized or dequantized version of the old one) from now on."""
+        self.base_layer = base_layer
+        self.kind = lora_kind(kind_for(base_layer))
 
     # -- forward --------------------------------------------------------------------------------------
 
