@@ -280,3 +280,19 @@ def test_property_conv2d_merge_equivalence(c_in, c_out, k, r, stride):
     layer.merge()
     torch.testing.assert_close(layer(x), unmerged)
     layer.unmerge()
+
+
+def test_a_variant_owns_its_state_on_the_layer():
+    """DoRA's magnitudes and AdaLoRA's singular values exist on a layer only while it holds such an adapter."""
+    import lorakit.tuners.adalora.layer  # noqa: F401  (registers the AdaLoRA variant)
+
+    layer = LoraLayer(nn.Linear(6, 4), kind_for(nn.Linear(6, 4)))
+    layer.add("plain", 2, 4)
+    assert not {"lora_magnitude_vector", "lora_E", "ranknum"} & set(layer._modules)
+    layer.add("d", 2, 4, variant="dora")
+    layer.add("s", 2, 4, variant="adalora")
+    assert {"lora_magnitude_vector", "lora_E", "ranknum"} <= set(layer._modules)
+    assert "lora_magnitude_vector.d.weight" in layer.state_dict() and "lora_E.s" in layer.state_dict()
+    layer.delete("d")
+    layer.delete("s")
+    assert not {"lora_magnitude_vector", "lora_E", "ranknum"} & set(layer._modules)

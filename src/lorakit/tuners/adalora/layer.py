@@ -17,7 +17,7 @@ Supported base layers: the linear kinds (``nn.Linear``, transformers ``Conv1D``,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ class AdaLoraVariant(LoraVariant):
     """``h = base(x) + s · B (A ⊙ E) dropout(x)``; A and B live where LoRA's do, E in ``layer.lora_E``."""
 
     name = "adalora"
+    #: E (the singular values) and r₀ (the initial rank, frozen, never saved), PEFT's names.
+    containers: ClassVar[dict[str, type[nn.Module]]] = {"lora_E": nn.ParameterDict, "ranknum": nn.ParameterDict}
 
     def attach(self, layer: LoraLayer, adapter: str) -> None:
         if layer.kind.name not in SVD_KINDS:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -120,6 +120,7 @@ class DoraVariant(LoraVariant):
     """DoRA on any layer kind; the magnitudes live in the layer's ``lora_magnitude_vector`` ModuleDict."""
 
     name = "dora"
+    containers: ClassVar[dict[str, type[nn.Module]]] = {"lora_magnitude_vector": nn.ModuleDict}
 
     # -- parameters -----------------------------------------------------------------------------------
 
@@ -151,7 +152,8 @@ class DoraVariant(LoraVariant):
         if weight.requires_grad and torch.is_grad_enabled() and not layer.merged_adapters:
             w_sq = kind.row_sq_norms(base, dtype)
         else:
-            magnitude = layer.lora_magnitude_vector[adapter] if adapter in layer.lora_magnitude_vector else None
+            holder = layer._modules.get("lora_magnitude_vector")
+            magnitude = holder[adapter] if holder is not None and adapter in holder else None
             w_sq = (
                 self._unmerged_w_sq(layer, dtype)
                 if magnitude is None

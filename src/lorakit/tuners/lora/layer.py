@@ -37,7 +37,8 @@ class LoraLayer(AdapterLayer):
         kind: the :class:`~lorakit.layers.kinds.LayerKind` strategy for the base layer's geometry.
         variant: per adapter, the :class:`~lorakit.tuners.lora.variant.LoraVariant` strategy (plain LoRA or DoRA)
             that decides how the update enters the output and the weight.
-        lora_magnitude_vector: DoRA magnitudes, per DoRA adapter (PEFT's attribute name and state-dict keys).
+        lora_magnitude_vector: DoRA magnitudes, per DoRA adapter (PEFT's attribute name and state-dict keys);
+            present while the layer holds a DoRA adapter (each variant's ``containers``).
         r, lora_alpha, scaling: per-adapter rank, alpha and s.
         active_adapters: adapters applied in ``forward`` (in order).
         merged_adapters: adapters whose ΔW currently sits inside ``base_layer``'s weight.
@@ -55,9 +56,6 @@ class LoraLayer(AdapterLayer):
             holder = nn.ParameterDict() if container.startswith("lora_embedding") else nn.ModuleDict()
             setattr(self, container, holder)
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values, per AdaLoRA adapter (PEFT's name)
-        self.ranknum = nn.ParameterDict()  # AdaLoRA's initial rank, frozen, never saved (PEFT's name)
         self.variant: dict[str, LoraVariant] = {}
         self._merge_records: dict[str, object] = {}
         self.r: dict[str, int] = {}
@@ -114,6 +112,9 @@ class LoraLayer(AdapterLayer):
         if init_lora_weights == "loftq":
             loftq_initialize(self, adapter, **(loftq_config or {}))
         self.variant[adapter] = VARIANTS[variant or ("dora" if use_dora else "lora")]
+        for name, holder in self.variant[adapter].containers.items():  # the variant's own state, made on first use
+            if name not in self._modules:
+                setattr(self, name, holder())
         self.variant[adapter].attach(self, adapter)
         self.variant[adapter].initialize(self, adapter, init_lora_weights)
 
@@ -163,9 +164,11 @@ class LoraLayer(AdapterLayer):
             raise MergeError(f"adapter {adapter!r} is merged into the base weight; unmerge it before deleting it")
         for container in (*self.kind.containers, "lora_dropout"):
             del getattr(self, container)[adapter]
-        for holder in (self.lora_magnitude_vector, self.lora_E, self.ranknum):
-            if adapter in holder:
-                del holder[adapter]
+        for name in self.variant[adapter].containers:  # the variant's state goes with its last adapter
+            holder = getattr(self, name)
+            del holder[adapter]
+            if not len(holder):
+                delattr(self, name)
         for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.variant):
             del table[adapter]
         self._forget(adapter)

@@ -9,7 +9,7 @@ is the other, independent strategy (:mod:`lorakit.layers.kinds`), so every varia
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ class LoraVariant:
     """Plain LoRA (LoRA paper §4.1): ``h = base(x) + s · B A dropout(x)``; merging adds ΔW = s·BA to W."""
 
     name = "lora"
+    #: The per-adapter containers this variant keeps on the layer (PEFT's attribute names): created when the
+    #: first adapter of the variant is attached, removed with the last one (a variant owns its state).
+    containers: ClassVar[dict[str, type[nn.Module]]] = {}
 
     def attach(self, layer: LoraLayer, adapter: str) -> None:
         """Create the variant's own parameters once A and B exist and are initialised (none for plain LoRA)."""
