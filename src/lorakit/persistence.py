@@ -23,10 +23,9 @@ from lorakit.config import CONFIG_NAME, PeftConfig
 from lorakit.errors import AdapterFileError, ShapeMismatchError
 from lorakit.io import atomic_write_files, reading_folder, resolve_adapter_file
 from lorakit.layers import ModulesToSaveWrapper
-from lorakit.tuners.lora.layer import LoraLayer
 
 if TYPE_CHECKING:
-    from lorakit.tuners.lora.model import LoraModel
+    from lorakit.tuners.base import BaseTuner
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -42,7 +41,7 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def adapter_tensors(
-    lora_model: LoraModel, adapter_name: str, save_embedding_layers: bool | str = False
+    tuner: BaseTuner, adapter_name: str, save_embedding_layers: bool | str = False
 ) -> dict[str, torch.Tensor]:
     """File key -> live tensor for everything adapter ``adapter_name`` owns.
 
@@ -51,42 +50,42 @@ def adapter_tensors(
             was resized. ``"auto"`` (PEFT's rule) does so when a module named ``embed_tokens`` or ``lm_head``
             holds this adapter.
     """
-    config = lora_model.peft_config[adapter_name]
-    out = required_keys(lora_model, adapter_name)
-    if config.bias == "lora_only":
-        for name, layer in lora_model.lora_layers():
+    config = tuner.peft_config[adapter_name]
+    out = required_keys(tuner, adapter_name)
+    if getattr(config, "bias", "none") == "lora_only":
+        for name, layer in tuner.weight_layers():
             bias = getattr(layer.base_layer, "bias", None)
-            if adapter_name in layer.r and isinstance(bias, torch.Tensor):
+            if adapter_name in layer.adapter_names() and isinstance(bias, torch.Tensor):
                 out[module_key(name, "base_layer.bias")] = bias
-    if config.bias == "all":
-        for name, param in _trainable_bias_candidates(lora_model):
+    if getattr(config, "bias", "none") == "all":
+        for name, param in _trainable_bias_candidates(tuner):
             out[module_key("", name)] = param
-    out.update(_embedding_tensors(lora_model, adapter_name, save_embedding_layers))
+    out.update(_embedding_tensors(tuner, adapter_name, save_embedding_layers))
     return out
 
 
-def _trainable_bias_candidates(lora_model: LoraModel) -> list[tuple[str, torch.Tensor]]:
+def _trainable_bias_candidates(tuner: BaseTuner) -> list[tuple[str, torch.Tensor]]:
     """Biases that ``bias="all"`` trains: every bias outside ``modules_to_save`` wrappers (their copies are
     saved whole anyway, and their originals stay frozen)."""
     inside: set[int] = set()
-    for _, layer in lora_model.adapter_layers():
+    for _, layer in tuner.adapter_layers():
         if isinstance(layer, ModulesToSaveWrapper):
             inside.update(id(p) for p in layer.parameters())
     return [
         (name, p)
-        for name, p in lora_model.model.named_parameters()
+        for name, p in tuner.model.named_parameters()
         if name.rsplit(".", 1)[-1] == "bias" and id(p) not in inside
     ]
 
 
-def _embedding_tensors(lora_model: LoraModel, adapter_name: str, mode: bool | str) -> dict[str, torch.Tensor]:
-    model = lora_model.model
+def _embedding_tensors(tuner: BaseTuner, adapter_name: str, mode: bool | str) -> dict[str, torch.Tensor]:
+    model = tuner.model
     only_wrapped = mode == "auto"  # PEFT's auto mode saves the embeddings that carry an adapter
     if mode == "auto":
         mode = any(
             name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
-            for name, layer in lora_model.lora_layers()
-            if adapter_name in layer.r
+            for name, layer in tuner.weight_layers()
+            if adapter_name in layer.adapter_names()
         )
     if not mode or not hasattr(model, "get_input_embeddings"):
         return {}
@@ -95,7 +94,7 @@ def _embedding_tensors(lora_model: LoraModel, adapter_name: str, mode: bool | st
     for name, module in model.named_modules(remove_duplicate=False):
         if not any(module is w for w in wanted):
             continue
-        if isinstance(module, LoraLayer):
+        if isinstance(module, tuner.layer_type):  # the method's layer wraps it: save its base
             name, module = f"{name}.base_layer", module.base_layer
         elif only_wrapped:
             continue
@@ -104,18 +103,18 @@ def _embedding_tensors(lora_model: LoraModel, adapter_name: str, mode: bool | st
     return out
 
 
-def required_keys(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
+def required_keys(tuner: BaseTuner, adapter_name: str) -> dict[str, torch.Tensor]:
     """The keys an adapter file must hold: the factors and ``modules_to_save`` copies (biases are optional)."""
     out: dict[str, torch.Tensor] = {}
-    for name, layer in lora_model.adapter_layers():
+    for name, layer in tuner.adapter_layers():
         if adapter_name in layer.adapter_names():
-            for key, tensor in lora_model.layer_file_state(name, layer, adapter_name).items():
+            for key, tensor in tuner.layer_file_state(name, layer, adapter_name).items():
                 out[module_key(name, key)] = tensor
     return out
 
 
 def save_adapter(
-    lora_model: LoraModel,
+    tuner: BaseTuner,
     adapter_name: str,
     directory: str | os.PathLike,
     config: PeftConfig,
@@ -130,7 +129,7 @@ def save_adapter(
     Raises:
         AdapterFileError: the folder cannot be created or written.
     """
-    tensors = adapter_tensors(lora_model, adapter_name, save_embedding_layers)
+    tensors = adapter_tensors(tuner, adapter_name, save_embedding_layers)
     # Only embedding base weights end in "base_layer.weight"; adapter factors end in "lora_A.weight" etc.
     if save_embedding_layers == "auto" and any(k.endswith("base_layer.weight") for k in tensors):
         warnings.warn(
@@ -242,16 +241,16 @@ def _peft_alias(key: str, adapter_name: str) -> str:
     return f"{head}{sep}{adapter_name}.{tail}" if sep else key
 
 
-def _base_tensors(lora_model: LoraModel) -> dict[str, torch.Tensor]:
+def _base_tensors(tuner: BaseTuner) -> dict[str, torch.Tensor]:
     """File key -> tensor for every parameter and buffer of the model (a tied weight answers to each name)."""
-    model = lora_model.model
+    model = tuner.model
     out = {module_key("", n): p for n, p in model.named_parameters(remove_duplicate=False)}
     for n, b in model.named_buffers(remove_duplicate=False):
         out.setdefault(module_key("", n), b)
     return out
 
 
-def load_adapter_state(lora_model: LoraModel, adapter_name: str, state: dict[str, Any]) -> None:
+def load_adapter_state(tuner: BaseTuner, adapter_name: str, state: dict[str, Any]) -> None:
     """Copy a file's tensors into adapter ``adapter_name``; all checks happen before any tensor is written.
 
     Raises:
@@ -259,10 +258,10 @@ def load_adapter_state(lora_model: LoraModel, adapter_name: str, state: dict[str
             a base tensor the adapter does not own (a base weight, a buffer such as rotary ``inv_freq``).
         ShapeMismatchError: a tensor's shape differs from the model's; names the first such key.
     """
-    required = required_keys(lora_model, adapter_name)
+    required = required_keys(tuner, adapter_name)
     # What the adapter owns: factors, DoRA magnitudes, modules_to_save copies, the biases its config trains, and
     # (PEFT's resized-vocabulary files) the embedding weights. Nothing else of the base may be written.
-    owned = adapter_tensors(lora_model, adapter_name, save_embedding_layers=True)
+    owned = adapter_tensors(tuner, adapter_name, save_embedding_layers=True)
     missing = [k for k in required if k not in state]
     if missing:
         raise AdapterFileError(
@@ -270,8 +269,8 @@ def load_adapter_state(lora_model: LoraModel, adapter_name: str, state: dict[str
             f"{missing[0]!r}; was it saved for another model or with other target_modules?"
         )
     owned_ids = {id(t) for t in owned.values()}
-    base = _base_tensors(lora_model)
-    if lora_model.peft_config[adapter_name].bias == "all":  # every bias trains, inside wrappers too (PEFT's rule)
+    base = _base_tensors(tuner)
+    if getattr(tuner.peft_config[adapter_name], "bias", "none") == "all":  # every bias, inside wrappers too (PEFT)
         owned_ids.update(id(t) for k, t in base.items() if k.rsplit(".", 1)[-1] == "bias")
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     unexpected: list[str] = []
