@@ -412,3 +412,14 @@ def test_count_conv_and_plain_modules():
     assert est.trainable == peft_model.get_nb_trainable_parameters()[0]
     assert breakdown(est) == real_breakdown(peft_model)
     assert [m.m_size for m in est.modules] == [12, 8, 7] and est.bias == 8 + 7
+
+
+def test_ia3_count_equals_the_real_adapted_model():
+    """The estimate reads any method's layers: IA³'s vectors count per module, exactly as get_peft_model trains."""
+    from lorakit import IA3Config, get_peft_model
+
+    config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    estimate = count_parameters(tiny_llama(), config)
+    assert estimate.trainable == get_peft_model(tiny_llama(), config).get_nb_trainable_parameters()[0]
+    by_name = {m.name.rsplit(".", 1)[-1]: m.params for m in estimate.modules}
+    assert by_name == {"k_proj": 16, "v_proj": 16, "down_proj": 64}  # (out, 1) vectors; (1, in) for feedforward

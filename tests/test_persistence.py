@@ -237,9 +237,9 @@ def test_unknown_peft_type(saved):
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="peft_type='MAGIC' is not known; accepted: 'LORA'"):
         PeftModel.from_pretrained(tiny_llama(), path)
-    cfg["peft_type"] = "IA3"
+    cfg["peft_type"] = "LOHA"
     (path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="'IA3' is not supported by lorakit; supported: 'LORA'"):
+    with pytest.raises(ConfigError, match="'LOHA' is not supported by lorakit; supported: 'LORA'"):
         PeftModel.from_pretrained(tiny_llama(), path)
 
 

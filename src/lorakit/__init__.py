@@ -33,6 +33,8 @@ from lorakit.tasks import (
 )
 from lorakit.tuners.adalora import AdaLoraConfig
 from lorakit.tuners.adalora.model import AdaLoraModel
+from lorakit.tuners.ia3 import IA3Config
+from lorakit.tuners.ia3.model import IA3Model
 from lorakit.tuners.lora import LoraConfig
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
 from lorakit.tuners.lora.layer import LoraLayer
@@ -51,6 +53,8 @@ __all__ = [
     "AdapterFileError",
     "AdapterNotFoundError",
     "ConfigError",
+    "IA3Config",
+    "IA3Model",
     "LoraConfig",
     "PeftConfig",
     "LoraLayer",

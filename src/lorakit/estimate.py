@@ -233,7 +233,8 @@ class AdaptedModule:
     r: int
     a_size: int  # numel of A: r·k (r·k·prod(kernel) for convolutions)
     b_size: int  # numel of B: d·r
-    m_size: int = 0  # numel of the variant's own parameters: DoRA's magnitude d, AdaLoRA's E r (0 for LoRA)
+    m_size: int = 0  # numel of the variant's own parameters: DoRA's magnitude d, AdaLoRA's E r (0 for LoRA);
+    # for a method without low-rank factors (IA³'s vectors) all of its values, with r = a_size = b_size = 0
 
     @property
     def params(self) -> int:
@@ -324,6 +325,9 @@ def count_parameters(model: nn.Module, config: PeftConfig) -> ParameterEstimate:
             size = sum(p.numel() for p in own)
             shape = (layer.in_features, layer.out_features, layer.r[adapter])
             estimate.modules.append(AdaptedModule(name, layer.kind.name, *shape, a.numel(), b.numel(), size))
+        elif params:  # another method's layer (no low-rank factors): its values count as the module's own
+            k, d = layer.kind.features(layer.base_layer)
+            estimate.modules.append(AdaptedModule(name, layer.kind.name, k, d, 0, 0, 0, sum(p.numel() for p in params)))
     for p in adapted.parameters():  # what else trains: the biases that ``bias`` makes trainable
         if p.requires_grad and id(p) not in counted:
             estimate.bias += p.numel()

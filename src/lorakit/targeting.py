@@ -108,6 +108,7 @@ def select_targets(model: nn.Module, config: PeftConfig) -> list[str]:
     from lorakit.layers.base import AdapterLayer
 
     targets = resolve_target_modules(model, config)
+    layers = getattr(config, "layers_to_transform", None)  # a field of some methods only (LoRA's, not IA³'s)
     wrapped_inner: set[int] = set()
     chosen = []
     for name, module in model.named_modules():
@@ -123,8 +124,8 @@ def select_targets(model: nn.Module, config: PeftConfig) -> list[str]:
             continue
         if not matches_selector(name, targets):
             continue
-        if config.layers_to_transform is not None and not isinstance(targets, str):
-            if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+        if layers is not None and not isinstance(targets, str):
+            if layer_index(name, getattr(config, "layers_pattern", None)) not in layers:
                 continue
         chosen.append(name)
     if not chosen:
@@ -138,7 +139,7 @@ def _nothing_matched(model: nn.Module, config: PeftConfig, targets: list[str] | 
     asked = [targets] if isinstance(targets, str) else targets
     hints = "".join(suggest(t, leaves) for t in asked if isinstance(t, str))
     extra = ""
-    if config.layers_to_transform is not None:
+    if getattr(config, "layers_to_transform", None) is not None:
         extra = f" within layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern!r})"
     shown = ", ".join(leaves[:30]) + (" ..." if len(leaves) > 30 else "")
     return (

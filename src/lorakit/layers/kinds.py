@@ -70,6 +70,12 @@ class LayerKind:
         """Shape that makes a ``(d,)`` vector scale the rows of M in the base weight's own layout."""
         return (-1, 1)
 
+    def column_shape(self, base: nn.Module) -> tuple[int, ...]:
+        """Shape that makes a ``(k,)`` vector (one value per input feature) scale the base weight's input axis in
+        its own layout: the output and input axes of :meth:`row_shape` swapped."""
+        shape = self.row_shape(base)
+        return (shape[1], shape[0], *shape[2:])
+
     def bias(self, base: nn.Module) -> torch.Tensor | None:
         """The base layer's bias (added after the weight), or None."""
         return getattr(base, "bias", None)

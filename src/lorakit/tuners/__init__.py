@@ -4,4 +4,5 @@ registers it with :func:`lorakit.config.register_method`; the generic level (``l
 
 * :mod:`lorakit.tuners.lora`: LoRA (and DoRA, rsLoRA, LoftQ as its options)
 * :mod:`lorakit.tuners.adalora`: AdaLoRA
+* :mod:`lorakit.tuners.ia3`: IA³
 """
