@@ -4,9 +4,13 @@ model-wide :class:`ActiveAdapters` that all of a model's layers read."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
+
+from lorakit.errors import MergeError
+from lorakit.layers.kinds import LayerKind, kind_for
 
 #: Versions of active sets, unique across threads (``next`` on a count is atomic): two switches at once never
 #: produce the same version for different names.
@@ -116,3 +120,77 @@ class AdapterLayer(nn.Module):
     def original(self) -> nn.Module:
         """The module this wrapper replaced."""
         raise NotImplementedError
+
+
+class WeightLayer(AdapterLayer):
+    """An adapter layer that wraps a base layer and can merge into its weight (LoRA's, IA³'s, ...).
+
+    Subclasses hold ``base_layer``, ``kind`` and ``merged_adapters`` and say what a merge computes
+    (:meth:`merged_result`); the checks every merge makes (which adapters are pending, a quantized base refused,
+    the all-or-nothing dry run of ``safe_merge``) and swapping the base (dequantize, quantize) are shared here.
+    """
+
+    base_layer: nn.Module
+    kind: LayerKind
+    merged_adapters: list[str]
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merged_result(self, adapter_names: list[str]) -> Any:
+        """Compute what merging ``adapter_names`` would write, out of place; raise :class:`MergeError` on NaN/Inf."""
+        raise NotImplementedError
+
+    def _pending(self, adapter_names: list[str] | None) -> list[str]:
+        """Of ``adapter_names`` (default: the active ones), those this layer holds and has not merged: in order,
+        each once."""
+        held = self.adapter_names()
+        names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in held]
+        return list(dict.fromkeys(a for a in names if a not in self.merged_adapters))
+
+    def _refuse_quantized(self, pending: list[str]) -> None:
+        if self.kind.quantized and pending:
+            raise MergeError(
+                f"the base layer is quantized ({type(self.base_layer).__name__}): merging into it would requantize "
+                "the weight, a lossy step lorakit never takes silently. Use merge_and_unload(), which dequantizes "
+                "to a plain nn.Linear first, or keep the adapter unmerged"
+            )
+
+    @torch.no_grad()
+    def check_merge(
+        self, adapter_names: list[str] | None = None, dequantize: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
+        """Raise :class:`MergeError` where merging ``adapter_names`` here would fail: a quantized base (unless
+        ``dequantize``: then the merge is computed on a transient dequantized copy in ``dtype``, as
+        ``merge_and_unload`` would make it), or NaN/Inf in the result. Changes nothing, keeps nothing: memory for
+        one layer's merged weight at a time."""
+        pending = self._pending(adapter_names)
+        if not pending:
+            return
+        if not self.kind.quantized:
+            self.merged_result(pending)
+            return
+        if not dequantize:
+            self._refuse_quantized(pending)
+        base, kind = self.base_layer, self.kind
+        try:
+            self.dequantize(dtype)
+            self.merged_result(pending)
+        finally:
+            self.base_layer, self.kind = base, kind
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> None:
+        """Replace a quantized base layer by a plain ``nn.Linear`` holding its dequantized weight (in ``dtype``,
+        default the layer's compute dtype); nothing happens for an unquantized base."""
+        if self.kind.quantized:
+            self.replace_base(self.kind.dequantize(self.base_layer, dtype))
+
+    def replace_base(self, base_layer: nn.Module) -> None:
+        """Hold ``base_layer`` (same features: a quantized or dequantized version of the old one) from now on."""
+        self.base_layer = base_layer
+        self.kind = self._kind_for(base_layer)
+
+    def _kind_for(self, base_layer: nn.Module) -> LayerKind:
+        """The kind this layer holds for ``base_layer`` (a method may extend the geometry, as LoRA does)."""
+        return kind_for(base_layer)

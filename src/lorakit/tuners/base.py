@@ -194,6 +194,16 @@ class BaseTuner(nn.Module):
         in a new one (then put in place with :meth:`_replace`)."""
         raise NotImplementedError
 
+    def _adapter_dtype(self, layer: AdapterLayer) -> torch.dtype:
+        """The dtype of a new adapter's parameters: the base weight's, but fp32 for a half-precision or
+        quantized base (half-precision adapters lose small updates; PEFT's ``autocast_adapter_dtype``)."""
+        dtype = layer.kind.base_weight(layer.base_layer).dtype
+        if not dtype.is_floating_point:
+            return torch.float32
+        if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return dtype
+
     def _replace(self, name: str, layer: AdapterLayer) -> None:
         """Put a new adapter layer where module ``name`` was; it follows the model's active adapters."""
         layer.follow(self._active)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError, suggest
-from lorakit.layers.base import AdapterLayer
-from lorakit.layers.kinds import ConvKind, LayerKind, kind_for
+from lorakit.layers.base import WeightLayer
+from lorakit.layers.kinds import ConvKind, LayerKind
 from lorakit.layers.routing import ROUTES, RowRouting
 
 #: What a merge keeps to undo itself exactly: the entries where l is 0 or not finite (dividing cannot bring those
@@ -22,7 +22,7 @@ from lorakit.layers.routing import ROUTES, RowRouting
 MergeRecord = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-class IA3Layer(AdapterLayer):
+class IA3Layer(WeightLayer):
     """A base layer plus any number of named IA³ vectors.
 
     Attributes:
@@ -121,24 +121,6 @@ class IA3Layer(AdapterLayer):
 
     # -- merging --------------------------------------------------------------------------------------
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    def _pending(self, adapter_names: list[str] | None) -> list[str]:
-        """Of ``adapter_names`` (default: the active ones), those this layer holds and has not merged: in order,
-        each once."""
-        names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in self.ia3_l]
-        return list(dict.fromkeys(a for a in names if a not in self.merged_adapters))
-
-    def _refuse_quantized(self, pending: list[str]) -> None:
-        if self.kind.quantized and pending:
-            raise MergeError(
-                f"the base layer is quantized ({type(self.base_layer).__name__}): merging into it would requantize "
-                "the weight, a lossy step lorakit never takes silently. Use merge_and_unload(), which dequantizes "
-                "to a plain nn.Linear first, or keep the adapter unmerged"
-            )
-
     def _weight_vector(self, adapter: str) -> tuple[torch.Tensor, int]:
         """The adapter's vector shaped to scale the base weight in its own layout, and the axis it scales."""
         shape = (self.kind.column_shape if self.feedforward[adapter] else self.kind.row_shape)(self.base_layer)
@@ -147,6 +129,9 @@ class IA3Layer(AdapterLayer):
     def _bias_vector(self, adapter: str) -> torch.Tensor | None:
         """The adapter's vector for the base bias: output scaling only (a feedforward vector acts before it)."""
         return None if self.feedforward[adapter] else self.ia3_l[adapter].detach().flatten()
+
+    def merged_result(self, adapter_names: list[str]) -> Any:
+        return self.merged_tensors(adapter_names)
 
     @torch.no_grad()
     def merged_tensors(
@@ -219,28 +204,6 @@ class IA3Layer(AdapterLayer):
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
-    def check_merge(
-        self, adapter_names: list[str] | None = None, dequantize: bool = False, dtype: torch.dtype | None = None
-    ) -> None:
-        """Raise :class:`MergeError` where merging ``adapter_names`` here would fail: a quantized base (unless
-        ``dequantize``: then the merge is computed on a transient dequantized copy in ``dtype``), or NaN/Inf in the
-        merged weight or bias. Changes nothing."""
-        pending = self._pending(adapter_names)
-        if not pending:
-            return
-        if not self.kind.quantized:
-            self.merged_tensors(pending)
-            return
-        if not dequantize:
-            self._refuse_quantized(pending)
-        base, kind = self.base_layer, self.kind
-        try:
-            self.dequantize(dtype)
-            self.merged_tensors(pending)
-        finally:
-            self.base_layer, self.kind = base, kind
-
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo every merge, newest first: divide by l again, and put back the slices where l was 0 or not finite
         (kept by the merge). Exact up to one rounding of the division."""
@@ -258,13 +221,6 @@ class IA3Layer(AdapterLayer):
                 safe = torch.where(torch.isfinite(bias_vector) & (bias_vector != 0), bias_vector, 1.0)
                 bias.copy_((bias / safe).to(bias.dtype))
                 bias[lost] = bias_values
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> None:
-        """Replace a quantized base layer by a plain ``nn.Linear`` holding its dequantized weight (in ``dtype``,
-        default the layer's compute dtype); nothing happens for an unquantized base."""
-        if self.kind.quantized:
-            self.base_layer = self.kind.dequantize(self.base_layer, dtype)
-            self.kind = kind_for(self.base_layer)
 
     # -- forward --------------------------------------------------------------------------------------
 

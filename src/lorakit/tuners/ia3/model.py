@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from lorakit.config import register_method
@@ -66,14 +65,6 @@ class IA3Model(BaseTuner):
 
     def _model_type(self) -> str | None:
         return getattr(getattr(self.model, "config", None), "model_type", None)
-
-    def _adapter_dtype(self, layer: IA3Layer) -> torch.dtype:
-        dtype = layer.kind.base_weight(layer.base_layer).dtype
-        if not dtype.is_floating_point:
-            return torch.float32
-        if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
-            return torch.float32  # half-precision vectors lose small updates; keep them in fp32 as PEFT does
-        return dtype
 
     def file_config(self, adapter_name: str, config: IA3Config) -> IA3Config:
         """The config as the adapter file holds it (``config`` is a copy the caller owns; changed in place).

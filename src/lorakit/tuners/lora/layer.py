@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
-from lorakit.layers.base import AdapterLayer
+from lorakit.layers.base import WeightLayer
 from lorakit.layers.kinds import LayerKind, kind_for
 from lorakit.layers.routing import ROUTES, RowRouting
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
@@ -29,7 +29,7 @@ from lorakit.tuners.lora.variant import LoraVariant, check_finite
 VARIANTS: dict[str, LoraVariant] = {"lora": LoraVariant(), "dora": DoraVariant()}
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(WeightLayer):
     """A base layer plus any number of named LoRA adapters.
 
     Attributes:
@@ -185,10 +185,6 @@ class LoraLayer(AdapterLayer):
         delta = lora_delta(b, a, self.scaling[adapter])
         return self.kind.to_weight_layout(delta, self.base_layer)
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold each adapter (default: the active ones) into the base weight, in place, in the given order.
@@ -219,19 +215,11 @@ class LoraLayer(AdapterLayer):
             self._merge_records[adapter] = self.variant[adapter].merge(self, adapter, weight, False)
             self.merged_adapters.append(adapter)
 
-    def _pending(self, adapter_names: list[str] | None) -> list[str]:
-        """Of ``adapter_names`` (default: the active ones), those this layer holds and has not merged: in order,
-        each once."""
-        names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in self.r]
-        return list(dict.fromkeys(a for a in names if a not in self.merged_adapters))
+    def merged_result(self, adapter_names: list[str]) -> Any:
+        return self.merged_weight(adapter_names)
 
-    def _refuse_quantized(self, pending: list[str]) -> None:
-        if self.kind.quantized and pending:
-            raise MergeError(
-                f"the base layer is quantized ({type(self.base_layer).__name__}): merging into it would requantize "
-                "the weight, a lossy step lorakit never takes silently. Use merge_and_unload(), which dequantizes "
-                "to a plain nn.Linear first, or keep the adapter unmerged"
-            )
+    def _kind_for(self, base_layer: nn.Module) -> LayerKind:
+        return lora_kind(kind_for(base_layer))
 
     @torch.no_grad()
     def merged_weight(self, adapter_names: list[str] | None = None) -> tuple[torch.Tensor, list[tuple[str, Any]]]:
@@ -251,47 +239,12 @@ class LoraLayer(AdapterLayer):
         return weight, records
 
     @torch.no_grad()
-    def check_merge(
-        self, adapter_names: list[str] | None = None, dequantize: bool = False, dtype: torch.dtype | None = None
-    ) -> None:
-        """Raise :class:`MergeError` where merging ``adapter_names`` here would fail: a quantized base (unless
-        ``dequantize``: then the merge is computed on a transient dequantized copy in ``dtype``, as
-        ``merge_and_unload`` would make it), or NaN/Inf in the merged weight. Changes nothing, keeps nothing:
-        memory for one layer's merged weight at a time."""
-        pending = self._pending(adapter_names)
-        if not pending:
-            return
-        if not self.kind.quantized:
-            self.merged_weight(pending)
-            return
-        if not dequantize:
-            self._refuse_quantized(pending)
-        base, kind = self.base_layer, self.kind
-        try:
-            self.dequantize(dtype)
-            self.merged_weight(pending)
-        finally:
-            self.base_layer, self.kind = base, kind
-
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo every merge, newest first; the base weight comes back within float tolerance."""
         weight = self.kind.base_weight(self.base_layer)
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             self.variant[adapter].unmerge(self, adapter, weight, self._merge_records.pop(adapter))
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> None:
-        """Replace a quantized base layer by a plain ``nn.Linear`` holding its dequantized weight (in ``dtype``,
-        default the layer's compute dtype); nothing happens for an unquantized base."""
-        if not self.kind.quantized:
-            return
-        self.replace_base(self.kind.dequantize(self.base_layer, dtype))
-
-    def replace_base(self, base_layer: nn.Module) -> None:
-        """Hold ``base_layer`` (same features: a quantized or dequantized version of the old one) from now on."""
-        self.base_layer = base_layer
-        self.kind = lora_kind(kind_for(base_layer))
 
     # -- forward --------------------------------------------------------------------------------------
 

@@ -71,14 +71,6 @@ class LoraModel(BaseTuner):
         """``(rank, variant name)`` of the adapter that ``config`` puts on module ``name``."""
         return pattern_value(config.rank_pattern, name, config.r), "dora" if config.use_dora else "lora"
 
-    def _adapter_dtype(self, layer: LoraLayer) -> torch.dtype:
-        dtype = layer.kind.base_weight(layer.base_layer).dtype
-        if not dtype.is_floating_point:
-            return torch.float32
-        if self.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
-            return torch.float32  # half-precision adapters lose small updates; keep them in fp32 as PEFT does
-        return dtype
-
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
         """A new adapter from weighted existing ones (PEFT's arguments; see :mod:`lorakit.tuners.lora.combine`)."""
         add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
