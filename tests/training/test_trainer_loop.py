@@ -376,3 +376,30 @@ def test_torchrun_refusal_stops_every_process(tmp_path, model_dir, data_files):
     assert done.returncode != 0
     assert "already holds an adapter" in done.stderr
     assert (out / "adapter_config.json").read_text() == "{}"
+
+
+def test_ia3_run_trains_vectors_and_saves_a_peft_ia3_adapter(tmp_path, model_dir, data_files, tiny_model):
+    """--method ia3: the IA³ defaults of the architecture (keys, values, down_proj as feedforward), vectors that
+    move from their start at one, a file PEFT's IA³ reads, and --targets choosing other modules."""
+    out = tmp_path / "ia3"
+    cfg = config(model_dir, data_files, out, method="ia3", skip_eval=True, save_every=0, max_steps=4, learning_rate=0.1)
+    logged = []
+    result = train(cfg, log=logged.append, progress=False)
+    assert any(line.startswith("IA³ (learned vectors): 192 trainable") for line in logged), logged
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "IA3" and saved["feedforward_modules"] == ["down_proj"]
+    assert sorted(saved["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+    vectors = adapter(out)
+    assert all(key.endswith("ia3_l") for key in vectors) and len(vectors) == 3 * 2
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in vectors.values())  # trained away from one
+    assert result.metrics["history"][-1]["loss"] < result.metrics["history"][0]["loss"]
+    loaded = PeftModel.from_pretrained(tiny_model, out)
+    assert loaded.peft_type.value == "IA3"
+
+    other = tmp_path / "ia3-targets"
+    cfg = config(model_dir, data_files, other, method="ia3", target_modules=["q_proj", "up_proj", "down_proj"],
+                 skip_eval=True, save_every=0, max_steps=1)  # fmt: skip
+    train(cfg, log=lambda _: None, progress=False)
+    saved = json.loads((other / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["down_proj", "q_proj", "up_proj"]
+    assert saved["feedforward_modules"] == ["down_proj"]

@@ -67,9 +67,10 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument(
         "--method",
-        choices=["lora", "adalora", "full"],
+        choices=["lora", "adalora", "ia3", "full"],
         default=S,
-        help="lora (default); adalora (adaptive rank: --r is the average rank it ends at); full fine-tuning",
+        help="lora (default); adalora (adaptive rank: --r is the average rank it ends at); ia3 (learned vectors "
+        "on keys, values and the MLP's down projection unless --targets; raise --lr, e.g. 3e-3); full fine-tuning",
     )
     g.add_argument("--r", "--rank", dest="r", type=int, default=S, help="rank (8); spell it --rank after torchrun")
     g.add_argument("--alpha", dest="lora_alpha", type=float, default=S, help="lora_alpha; scaling = alpha/r (16)")

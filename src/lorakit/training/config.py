@@ -16,7 +16,7 @@ from typing import Any
 from lorakit.errors import ConfigError, suggest
 from lorakit.kbit import QUANT_TYPES
 
-METHODS = ("lora", "adalora", "full")
+METHODS = ("lora", "adalora", "ia3", "full")
 #: Optimizers by ``--optim`` name: torch's AdamW, or bitsandbytes' 8-bit / paged variants (QLoRA paper §3).
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -41,7 +41,7 @@ class TrainConfig:
     data: str | None = None  #: training file, or None for the bundled ``dates`` task
     eval_data: str | None = None  #: held-out file for exact-match eval (default: the bundled eval split)
     output: str = "lorakit-output"
-    method: str = "lora"  #: "lora", "adalora", or "full" (every weight trains: the baseline of bench_quality.py)
+    method: str = "lora"  #: "lora", "adalora", "ia3", or "full" (every weight trains: bench_quality.py's baseline)
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import lorakit.cpu_blas as cpu_blas
-from lorakit.config import TaskType
+from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, TrainingDivergedError
 from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
@@ -47,15 +47,16 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
 from lorakit.training import resume
 from lorakit.training.allocator import keep_freed_memory
-from lorakit.training.config import TrainConfig
+from lorakit.training.config import DEFAULT_TARGETS, TrainConfig
 from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
 from lorakit.training.evaluate import exact_match
 from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
 from lorakit.tuners.adalora import AdaLoraConfig
+from lorakit.tuners.ia3 import IA3Config
 from lorakit.tuners.lora import LoraConfig
 
-METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "full": "full fine-tuning"}
+METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA³", "full": "full fine-tuning"}
 
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
@@ -194,7 +195,7 @@ class Trainer:
             trainable = total = sum(p.numel() for p in self.model.parameters())
             self.log(f"full fine-tuning: {total:,} trainable parameters")
         else:
-            lora = self._adapter_config()
+            lora = self._adapter_config(model)
             model = model.to(world.device)
             originals = _target_weights(model, lora) if cfg.loftq else None
             if cfg.bits is not None:  # QLoRA: quantize on the training device, then freeze and upcast
@@ -223,9 +224,11 @@ class Trainer:
                     f"AdaLoRA init_r={lora.init_r} -> average r={lora.target_r} (cut between steps {lora.tinit} and "
                     f"{lora.total_step - lora.tfinal} of {lora.total_step})"
                 )
+            elif isinstance(lora, IA3Config):
+                method = "IA³ (learned vectors)"
             else:
-                method = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r}"
-            self.log(f"{method} alpha={cfg.lora_alpha}: {trainable:,} trainable of {total:,} ({trainable / total:.3%})")
+                method = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.lora_alpha}"
+            self.log(f"{method}: {trainable:,} trainable of {total:,} ({trainable / total:.3%})")
         self.trainable, self.total = trainable, total
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.slice_logits = _supports_logit_mask(base)
@@ -236,7 +239,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, cfg.warmup_steps, self.total_steps)
 
-    def _adapter_config(self) -> LoraConfig:
+    def _adapter_config(self, model: Any) -> PeftConfig:
         """The adapter this run trains: LoRA/DoRA, or AdaLoRA with its schedule laid over ``total_steps``."""
         cfg = self.cfg
         common = dict(
@@ -245,6 +248,8 @@ class Trainer:
             target_modules=cfg.target_modules,
             task_type=TaskType.CAUSAL_LM,
         )
+        if cfg.method == "ia3":
+            return self._ia3_config(getattr(getattr(model, "config", None), "model_type", None))
         if cfg.method != "adalora":
             return LoraConfig(r=cfg.r, use_dora=cfg.use_dora, **common)
         total = self.total_steps
@@ -264,6 +269,17 @@ class Trainer:
             orth_reg_weight=cfg.orth_reg_weight,
             **common,
         )
+
+    def _ia3_config(self, model_type: str | None) -> IA3Config:
+        """IA³ on the architecture's default targets (keys, values, the MLP's down projection) unless ``--targets``
+        was given; the feedforward modules are those of the targets that IA³ scales at the input."""
+        cfg = self.cfg
+        if cfg.target_modules == list(DEFAULT_TARGETS):
+            return IA3Config(task_type=TaskType.CAUSAL_LM)
+        feedforward = IA3Config.DEFAULT_FEEDFORWARD.get(model_type, [])
+        targets = cfg.target_modules
+        chosen = [t for t in targets if t in feedforward] if isinstance(targets, list) else feedforward
+        return IA3Config(target_modules=targets, feedforward_modules=chosen, task_type=TaskType.CAUSAL_LM)
 
     def _facts(self) -> dict[str, Any]:
         facts = {k: getattr(self.cfg, k) for k in RESUME_KEYS if hasattr(self.cfg, k)}
@@ -477,7 +493,9 @@ class Trainer:
             plot_loss(
                 history,
                 self.output / "loss.png",
-                title=f"lorakit train: {METHOD_NAMES[cfg.method]} r={cfg.r} on {self.train_path.name}",
+                title=f"lorakit train: {METHOD_NAMES[cfg.method]}"
+                + (f" r={cfg.r}" if cfg.method in ("lora", "adalora") else "")
+                + f" on {self.train_path.name}",
             )
             if before is not None and after is not None:
                 self.log("\n" + side_by_side(before, after, cfg.samples))
