@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 import lorakit.cpu_blas as cpu_blas
-from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import AdapterFileError, ConfigError, DataError, LorakitError, TrainingDivergedError
 from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
@@ -47,9 +46,10 @@ from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
 from lorakit.training import resume
 from lorakit.training.allocator import keep_freed_memory
-from lorakit.training.config import DEFAULT_TARGETS, TrainConfig
+from lorakit.training.config import TrainConfig
 from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
 from lorakit.training.evaluate import exact_match
+from lorakit.training.methods import adapter_config
 from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
 from lorakit.tuners.adalora import AdaLoraConfig
@@ -195,7 +195,7 @@ class Trainer:
             trainable = total = sum(p.numel() for p in self.model.parameters())
             self.log(f"full fine-tuning: {total:,} trainable parameters")
         else:
-            lora = self._adapter_config(model)
+            lora = adapter_config(cfg, model, self.total_steps)
             model = model.to(world.device)
             originals = _target_weights(model, lora) if cfg.loftq else None
             if cfg.bits is not None:  # QLoRA: quantize on the training device, then freeze and upcast
@@ -238,48 +238,6 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, cfg.warmup_steps, self.total_steps)
-
-    def _adapter_config(self, model: Any) -> PeftConfig:
-        """The adapter this run trains: LoRA/DoRA, or AdaLoRA with its schedule laid over ``total_steps``."""
-        cfg = self.cfg
-        common = dict(
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules,
-            task_type=TaskType.CAUSAL_LM,
-        )
-        if cfg.method == "ia3":
-            return self._ia3_config(getattr(getattr(model, "config", None), "model_type", None))
-        if cfg.method != "adalora":
-            return LoraConfig(r=cfg.r, use_dora=cfg.use_dora, **common)
-        total = self.total_steps
-        tinit = cfg.tinit if cfg.tinit is not None else total // 10
-        tfinal = cfg.tfinal if cfg.tfinal is not None else total // 5
-        if tinit + tfinal >= total:
-            raise ConfigError(
-                f"AdaLoRA needs steps to cut ranks in: tinit {tinit} + tfinal {tfinal} >= {total} steps in this run; "
-                "lower --tinit/--tfinal or train longer"
-            )
-        return AdaLoraConfig(
-            target_r=cfg.r,
-            init_r=cfg.init_r if cfg.init_r is not None else max(cfg.r, round(1.5 * cfg.r)),
-            tinit=tinit,
-            tfinal=tfinal,
-            total_step=total,
-            orth_reg_weight=cfg.orth_reg_weight,
-            **common,
-        )
-
-    def _ia3_config(self, model_type: str | None) -> IA3Config:
-        """IA³ on the architecture's default targets (keys, values, the MLP's down projection) unless ``--targets``
-        was given; the feedforward modules are those of the targets that IA³ scales at the input."""
-        cfg = self.cfg
-        if cfg.target_modules == list(DEFAULT_TARGETS):
-            return IA3Config(task_type=TaskType.CAUSAL_LM)
-        feedforward = IA3Config.DEFAULT_FEEDFORWARD.get(model_type, [])
-        targets = cfg.target_modules
-        chosen = [t for t in targets if t in feedforward] if isinstance(targets, list) else feedforward
-        return IA3Config(target_modules=targets, feedforward_modules=chosen, task_type=TaskType.CAUSAL_LM)
 
     def _facts(self) -> dict[str, Any]:
         facts = {k: getattr(self.cfg, k) for k in RESUME_KEYS if hasattr(self.cfg, k)}
