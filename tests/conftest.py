@@ -67,3 +67,13 @@ def input_ids(batch: int = 2, seq: int = 10, vocab: int = 96, seed: int = 1) -> 
 @pytest.fixture
 def ids() -> torch.Tensor:
     return input_ids()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spinning costs a lot:
+    modules that run many of them ask for this (one torch thread while the module runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,11 +33,8 @@ OTHER = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_per_module):
+    """Tiny models gain nothing from intra-op threads (tests/conftest.py)."""
 
 
 def config(arch: str, **overrides: Any) -> dict[str, Any]:

@@ -32,12 +32,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spinning costs a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_per_module):
+    """Tiny models gain nothing from intra-op threads (tests/conftest.py)."""
 
 
 ARCHS = ["llama", "gpt2", "bert"]
