@@ -149,6 +149,10 @@ class WeightLayer(AdapterLayer):
         names = self.active_adapters if adapter_names is None else [a for a in adapter_names if a in held]
         return list(dict.fromkeys(a for a in names if a not in self.merged_adapters))
 
+    def refuse_quantized_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise :class:`MergeError` if merging ``adapter_names`` here would have to requantize the base weight."""
+        self._refuse_quantized(self._pending(adapter_names))
+
     def _refuse_quantized(self, pending: list[str]) -> None:
         if self.kind.quantized and pending:
             raise MergeError(

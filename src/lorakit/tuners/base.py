@@ -461,7 +461,7 @@ class BaseTuner(nn.Module):
         names = self._merge_names(adapter_names, safe_merge)
         layers = [layer for _, layer in self.weight_layers()]
         for layer in layers:  # a quantized base is refused before any layer is written, safe_merge or not
-            layer._refuse_quantized(layer._pending(names))
+            layer.refuse_quantized_merge(names)
         for layer in layers:
             layer.merge(names, safe_merge=safe_merge)
 
