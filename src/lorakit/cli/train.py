@@ -48,9 +48,11 @@ _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 
 def add_parser(sub: Any) -> None:
+    from lorakit.training.methods import METHODS, TRAIN_METHODS
+
     p = sub.add_parser(
         "train",
-        help="fine-tune a model with LoRA",
+        help="fine-tune a model with LoRA (or another method: --method)",
         description="Fine-tune a causal language model with LoRA. The loss covers completion tokens only.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -67,10 +69,9 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument(
         "--method",
-        choices=["lora", "adalora", "ia3", "full"],
+        choices=METHODS,
         default=S,
-        help="lora (default); adalora (adaptive rank: --r is the average rank it ends at); ia3 (learned vectors "
-        "on keys, values and the MLP's down projection unless --targets; raise --lr, e.g. 3e-3); full fine-tuning",
+        help="; ".join(m.help for m in TRAIN_METHODS.values()) + "; full (every weight trains: the baseline)",
     )
     g.add_argument("--r", "--rank", dest="r", type=int, default=S, help="rank (8); spell it --rank after torchrun")
     g.add_argument("--alpha", dest="lora_alpha", type=float, default=S, help="lora_alpha; scaling = alpha/r (16)")

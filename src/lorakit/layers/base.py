@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.errors import MergeError
+from lorakit.errors import ConfigError, MergeError
 from lorakit.layers.kinds import LayerKind, kind_for
+from lorakit.layers.routing import BASE_ROW
 
 #: Versions of active sets, unique across threads (``next`` on a count is atomic): two switches at once never
 #: produce the same version for different names.
@@ -198,3 +199,38 @@ class WeightLayer(AdapterLayer):
     def _kind_for(self, base_layer: nn.Module) -> LayerKind:
         """The kind this layer holds for ``base_layer`` (a method may extend the geometry, as LoRA does)."""
         return kind_for(base_layer)
+
+
+#: Longest adapter name: it becomes a folder name (255 bytes on common file systems) and a key in every layer.
+MAX_ADAPTER_NAME = 128
+#: Attributes of the containers that hold adapters by name: an adapter called ``keys`` or ``training`` would
+#: shadow them (torch refuses such keys half-way through building an adapter).
+_CONTAINER_ATTRIBUTES = frozenset(dir(nn.ModuleDict()) + dir(nn.ParameterDict()))
+
+
+def check_adapter_name(name: Any) -> None:
+    """Refuse a name that cannot be a module key and a folder name, before anything is built under it.
+
+    Raises:
+        ConfigError: naming the problem and what is accepted.
+    """
+    accepted = (
+        f"use a non-empty string of at most {MAX_ADAPTER_NAME} characters without '.', '/', '\\' or control "
+        "characters, such as 'default' or 'sql-v2'"
+    )
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"adapter name {name!r} is invalid; {accepted}")
+    if len(name) > MAX_ADAPTER_NAME or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise ConfigError(f"adapter name of {len(name)} characters is too long; {accepted}")
+    bad = [c for c in name if c in "./\\" or not c.isprintable()]
+    if bad:
+        raise ConfigError(f"adapter name {name!r} holds {bad[0]!r}; {accepted} (it becomes a module key and a folder)")
+    if name == BASE_ROW:
+        raise ConfigError(
+            f"adapter name {name!r} is reserved: in adapter_names it means 'the base model, no adapter'; pick another"
+        )
+    if name in _CONTAINER_ATTRIBUTES:
+        raise ConfigError(
+            f"adapter name {name!r} is the name of an attribute of torch's module containers, which hold adapters "
+            f"by name; pick another, e.g. {name + '_adapter'!r}"
+        )

@@ -15,8 +15,8 @@ from typing import Any
 
 from lorakit.errors import ConfigError, suggest
 from lorakit.kbit import QUANT_TYPES
+from lorakit.training.methods import METHODS
 
-METHODS = ("lora", "adalora", "ia3", "full")
 #: Optimizers by ``--optim`` name: torch's AdamW, or bitsandbytes' 8-bit / paged variants (QLoRA paper §3).
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")

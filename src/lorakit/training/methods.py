@@ -1,33 +1,62 @@
-"""What each method trains with, from a run's settings: ``lorakit train --method lora | adalora | ia3``."""
+"""What each ``lorakit train --method`` trains: one :class:`TrainMethod` per name, in :data:`TRAIN_METHODS`.
+
+A method's entry says how a run's settings become its adapter config, how the run describes it in the log, and
+what the run cannot do with it (resume, a quantized base); the trainer asks the entry and names no method.
+``full`` (every weight trains, the baseline adapters are compared against) is the one name without an adapter.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import ConfigError
-from lorakit.training.config import DEFAULT_TARGETS, TrainConfig
 from lorakit.tuners.adalora import AdaLoraConfig
 from lorakit.tuners.ia3 import IA3Config
 from lorakit.tuners.lora import LoraConfig
 
+if TYPE_CHECKING:
+    from lorakit.training.config import TrainConfig
 
-def adapter_config(cfg: TrainConfig, model: Any, total_steps: int) -> PeftConfig:
-    """The adapter a run trains: LoRA/DoRA, AdaLoRA with its schedule laid over ``total_steps``, or IA³.
+#: ``--method`` without an adapter: every base weight trains.
+FULL = "full"
 
-    Raises:
-        ConfigError: AdaLoRA's warm-up and final phases leave no step to cut ranks in.
-    """
-    if cfg.method == "ia3":
-        return ia3_config(cfg, getattr(getattr(model, "config", None), "model_type", None))
-    common = dict(
+
+@dataclass(frozen=True)
+class TrainMethod:
+    """One ``--method``: its title, how its config is built and described, and what it cannot do."""
+
+    name: str
+    title: str  #: in the log, the loss plot and the report, e.g. "AdaLoRA"
+    build: Callable[[TrainConfig, Any, int], PeftConfig]  #: (settings, model, total steps) -> adapter config
+    describe: Callable[[TrainConfig, PeftConfig], str]  #: one line for the log, e.g. "LoRA r=8 alpha=16"
+    help: str  #: for ``--method``'s help
+    no_resume: str | None = None  #: why ``--resume`` is refused, or None
+    uses_rank: bool = False  #: ``--r``/``--alpha`` mean something to it (shown in titles)
+
+
+def _common(cfg: TrainConfig) -> dict[str, Any]:
+    return dict(
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
         task_type=TaskType.CAUSAL_LM,
     )
-    if cfg.method != "adalora":
-        return LoraConfig(r=cfg.r, use_dora=cfg.use_dora, **common)
+
+
+def lora_config(cfg: TrainConfig, model: Any, total_steps: int) -> LoraConfig:
+    """LoRA (or DoRA with ``use_dora``) at rank ``r`` on ``target_modules``."""
+    return LoraConfig(r=cfg.r, use_dora=cfg.use_dora, **_common(cfg))
+
+
+def adalora_config(cfg: TrainConfig, model: Any, total_steps: int) -> AdaLoraConfig:
+    """AdaLoRA ending at average rank ``r``, its warm-up and final phases laid over ``total_steps``.
+
+    Raises:
+        ConfigError: the warm-up and final phases leave no step to cut ranks in.
+    """
     tinit = cfg.tinit if cfg.tinit is not None else total_steps // 10
     tfinal = cfg.tfinal if cfg.tfinal is not None else total_steps // 5
     if tinit + tfinal >= total_steps:
@@ -42,16 +71,73 @@ def adapter_config(cfg: TrainConfig, model: Any, total_steps: int) -> PeftConfig
         tfinal=tfinal,
         total_step=total_steps,
         orth_reg_weight=cfg.orth_reg_weight,
-        **common,
+        **_common(cfg),
     )
 
 
-def ia3_config(cfg: TrainConfig, model_type: str | None) -> IA3Config:
+def ia3_config(cfg: TrainConfig, model: Any, total_steps: int = 0) -> IA3Config:
     """IA³ on the architecture's default targets (keys, values, the MLP's down projection) unless ``--targets``
     was given; the feedforward modules are those of the targets that IA³ scales at the input."""
+    from lorakit.training.config import DEFAULT_TARGETS
+
     if cfg.target_modules == list(DEFAULT_TARGETS):
         return IA3Config(task_type=TaskType.CAUSAL_LM)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     feedforward = IA3Config.DEFAULT_FEEDFORWARD.get(model_type, [])
     targets = cfg.target_modules
     chosen = [t for t in targets if t in feedforward] if isinstance(targets, list) else feedforward
     return IA3Config(target_modules=targets, feedforward_modules=chosen, task_type=TaskType.CAUSAL_LM)
+
+
+def _describe_lora(cfg: TrainConfig, config: PeftConfig) -> str:
+    return f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.lora_alpha:g}"
+
+
+def _describe_adalora(cfg: TrainConfig, config: PeftConfig) -> str:
+    assert isinstance(config, AdaLoraConfig)
+    return (
+        f"AdaLoRA init_r={config.init_r} -> average r={config.target_r} (cut between steps {config.tinit} and "
+        f"{config.total_step - config.tfinal} of {config.total_step})"
+    )
+
+
+TRAIN_METHODS: dict[str, TrainMethod] = {
+    m.name: m
+    for m in (
+        TrainMethod(
+            "lora",
+            "LoRA",
+            lora_config,
+            _describe_lora,
+            "lora (the default; --dora for DoRA)",
+            uses_rank=True,
+        ),
+        TrainMethod(
+            "adalora",
+            "AdaLoRA",
+            adalora_config,
+            _describe_adalora,
+            "adalora (adaptive rank: --r is the average rank it ends at)",
+            no_resume="the importance scores are not checkpointed; the checkpoint folder holds a loadable adapter "
+            "with the ranks kept so far",
+            uses_rank=True,
+        ),
+        TrainMethod(
+            "ia3",
+            "IA³",
+            ia3_config,
+            lambda cfg, config: "IA³ (learned vectors)",
+            "ia3 (learned vectors on keys, values and the MLP's down projection unless --targets; raise --lr, "
+            "e.g. 3e-3)",
+        ),
+    )
+}
+
+#: Every ``--method`` name: the adapter methods, then full fine-tuning.
+METHODS = (*TRAIN_METHODS, FULL)
+TITLES = {**{name: m.title for name, m in TRAIN_METHODS.items()}, FULL: "full fine-tuning"}
+
+
+def adapter_config(cfg: TrainConfig, model: Any, total_steps: int) -> PeftConfig:
+    """The adapter config a run trains (``cfg.method`` must name an adapter method, not ``full``)."""
+    return TRAIN_METHODS[cfg.method].build(cfg, model, total_steps)

@@ -49,14 +49,10 @@ from lorakit.training.allocator import keep_freed_memory
 from lorakit.training.config import TrainConfig
 from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
 from lorakit.training.evaluate import exact_match
-from lorakit.training.methods import adapter_config
+from lorakit.training.methods import FULL, TITLES, TRAIN_METHODS, adapter_config
 from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
-from lorakit.tuners.adalora import AdaLoraConfig
-from lorakit.tuners.ia3 import IA3Config
 from lorakit.tuners.lora import LoraConfig
-
-METHOD_NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "ia3": "IA³", "full": "full fine-tuning"}
 
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
@@ -188,7 +184,7 @@ class Trainer:
             )
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
-        if cfg.method == "full":  # the baseline LoRA is compared against: every weight trains
+        if cfg.method == FULL:  # the baseline LoRA is compared against: every weight trains
             self.model = model.to(world.device)
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -219,15 +215,7 @@ class Trainer:
                 )
                 del originals
             trainable, total = self.model.get_nb_trainable_parameters()
-            if isinstance(lora, AdaLoraConfig):
-                method = (
-                    f"AdaLoRA init_r={lora.init_r} -> average r={lora.target_r} (cut between steps {lora.tinit} and "
-                    f"{lora.total_step - lora.tfinal} of {lora.total_step})"
-                )
-            elif isinstance(lora, IA3Config):
-                method = "IA³ (learned vectors)"
-            else:
-                method = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.lora_alpha}"
+            method = TRAIN_METHODS[cfg.method].describe(cfg, lora)
             self.log(f"{method}: {trainable:,} trainable of {total:,} ({trainable / total:.3%})")
         self.trainable, self.total = trainable, total
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -336,13 +324,11 @@ class Trainer:
         return path
 
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:
-        if self.cfg.method == "full":
-            raise ConfigError("--resume is supported for LoRA runs; method 'full' is a baseline without resume")
-        if self.cfg.method == "adalora":
-            raise ConfigError(
-                "--resume is not supported for AdaLoRA runs yet (the importance scores are not checkpointed); the "
-                "checkpoint folder holds a loadable adapter with the ranks kept so far"
-            )
+        if self.cfg.method == FULL:
+            raise ConfigError("--resume is supported for adapter runs; method 'full' is a baseline without resume")
+        no_resume = TRAIN_METHODS[self.cfg.method].no_resume
+        if no_resume:
+            raise ConfigError(f"--resume is not supported for {TITLES[self.cfg.method]} runs yet: {no_resume}")
         folder = ckpt.find_resume_checkpoint(Path(self.cfg.output).expanduser(), self.cfg.resume)
         state = resume.read_checkpoint(folder)  # every file checked; nothing loaded yet
         # settings added after a checkpoint was written take their default (the behaviour it was trained with)
@@ -391,7 +377,7 @@ class Trainer:
 
         before = None
         if self.eval_set and cfg.eval_before:
-            with self.model.disable_adapter() if cfg.method != "full" else contextlib.nullcontext():
+            with self.model.disable_adapter() if cfg.method != FULL else contextlib.nullcontext():
                 before = self._evaluate("before training (base model)")
         dist_utils.barrier(world)
 
@@ -451,13 +437,13 @@ class Trainer:
             plot_loss(
                 history,
                 self.output / "loss.png",
-                title=f"lorakit train: {METHOD_NAMES[cfg.method]}"
-                + (f" r={cfg.r}" if cfg.method in ("lora", "adalora") else "")
+                title=f"lorakit train: {TITLES[cfg.method]}"
+                + (f" r={cfg.r}" if cfg.method != FULL and TRAIN_METHODS[cfg.method].uses_rank else "")
                 + f" on {self.train_path.name}",
             )
             if before is not None and after is not None:
                 self.log("\n" + side_by_side(before, after, cfg.samples))
-            if cfg.method != "full":
+            if cfg.method != FULL:
                 self.log(f"\nadapter: {self.output}/adapter_model.safetensors (+ adapter_config.json)")
             else:
                 self.log(f"\nfull model: {self.output}/model/")
@@ -465,7 +451,7 @@ class Trainer:
         return TrainResult(self.output, step, metrics=metrics)
 
     def _save_final(self) -> None:
-        if self.cfg.method != "full":
+        if self.cfg.method != FULL:
             self.model.save_pretrained(self.output)  # adapter files, each replaced atomically
             return
 

@@ -29,7 +29,7 @@ from lorakit.errors import (
 )
 from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, ModulesToSaveWrapper, kind_for
-from lorakit.layers.base import ActiveAdapters
+from lorakit.layers.base import ActiveAdapters, check_adapter_name
 from lorakit.layers.kinds import supported_type_names
 from lorakit.layers.quantized import guard_model_repacking
 from lorakit.layers.routing import BASE_ROW, RowRouting, routed
@@ -138,6 +138,7 @@ class BaseTuner(nn.Module):
             ConfigError: a config of another method, or a second adapter asking for trainable biases (only one
                 adapter may own them).
         """
+        check_adapter_name(adapter_name)
         self._check_config_type(config)
         self._structure_changed()
         bias = _bias(config)

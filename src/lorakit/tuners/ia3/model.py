@@ -6,13 +6,23 @@ batches that mix adapters) is the shared engine, :class:`~lorakit.tuners.base.Ba
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from lorakit.config import register_method
-from lorakit.errors import UnsupportedModuleError
+from lorakit.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ConfigError,
+    MergeError,
+    UnsupportedModuleError,
+    suggest,
+)
 from lorakit.layers.kinds import EmbeddingKind, HFConv1DKind
 from lorakit.targeting import matches_selector, resolve_target_modules
 from lorakit.tuners.base import BaseTuner
@@ -79,6 +89,87 @@ class IA3Model(BaseTuner):
         if any(isinstance(layer.kind, HFConv1DKind) for layer in layers):
             config.fan_in_fan_out = True
         return config
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` whose vector on every module is ``Σ weights[i] · l[adapters[i]]`` (PEFT's
+        ``IA3Model.add_weighted_adapter``, the same rule: a source without a vector on a module adds nothing there).
+
+        The new adapter targets the union of the sources' modules, is frozen (as in PEFT) and not made active.
+        On any error the model is left as it was.
+
+        Raises:
+            AdapterNotFoundError / AdapterExistsError: unknown source names, or ``adapter_name`` taken (PEFT
+                silently returns; lorakit says so).
+            ConfigError: weights that are not one finite number per source; sources whose targets mix names and
+                regexes; two sources training the same module in full (``modules_to_save``).
+            MergeError: a source adapter is merged into the base weights.
+        """
+        target_modules, feedforward_modules = self._check_weighted(adapters, weights, adapter_name)
+        config = dataclasses.replace(
+            self.peft_config[adapters[0]], target_modules=target_modules, feedforward_modules=feedforward_modules
+        )
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject(adapter_name, config)
+            with torch.no_grad():
+                for _, layer in self.weight_layers():
+                    if adapter_name not in layer.ia3_l:
+                        continue
+                    new = torch.zeros_like(layer.ia3_l[adapter_name], dtype=torch.float32)
+                    for source, weight in zip(adapters, weights):
+                        if source in layer.ia3_l:
+                            new += weight * layer.ia3_l[source].float()
+                    layer.ia3_l[adapter_name].copy_(new)
+                    layer.ia3_l[adapter_name].requires_grad_(False)
+        except BaseException:
+            if any(adapter_name in layer.ia3_l for _, layer in self.weight_layers()):
+                self.remove_adapter_layers(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+        self.set_adapter(self.active_adapters)  # the new adapter stays frozen and inactive
+
+    def _check_weighted(self, adapters: list[str], weights: list[float], adapter_name: str) -> tuple[Any, Any]:
+        configs = self.peft_config
+        if adapter_name in configs:
+            raise AdapterExistsError(f"adapter {adapter_name!r} already exists; pick a new name for the combination")
+        if not adapters or isinstance(adapters, str):
+            raise ConfigError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        for name in adapters:
+            if name not in configs:
+                raise AdapterNotFoundError(
+                    f"unknown adapter {name!r}; this model holds {sorted(configs)}" + suggest(name, configs)
+                )
+        if len(weights) != len(adapters) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise ConfigError(f"weights must be {len(adapters)} finite numbers (one per adapter), got {weights!r}")
+        saving = [a for a in adapters if configs[a].modules_to_save]
+        if len(saving) > 1:
+            raise ConfigError(
+                f"adapters {saving} each train whole modules (modules_to_save); at most one source may, as in PEFT"
+            )
+        merged = sorted({a for _, layer in self.weight_layers() for a in layer.merged_adapters if a in adapters})
+        if merged:
+            raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them first")
+        targets = [configs[a].target_modules for a in adapters]
+        if len({repr(t) for t in targets}) > 1:  # None / all-linear made concrete before they are joined
+            targets = [resolve_target_modules(self.model, configs[a]) for a in adapters]
+        model_type = self._model_type()
+        return (
+            _union(targets, "target_modules"),
+            _union([configs[a].feedforward_for(model_type) for a in adapters], "feedforward_modules"),
+        )
+
+
+def _union(selectors: list[Any], field: str) -> Any:
+    """PEFT's union of module selectors: regexes joined by ``|``, name lists merged (sorted, for a stable file)."""
+    if len({repr(s) for s in selectors}) == 1:
+        return selectors[0]
+    if all(isinstance(s, str) for s in selectors):
+        return "|".join(f"({s})" for s in selectors)
+    if all(isinstance(s, (list, set, tuple)) for s in selectors):
+        return sorted({name for s in selectors for name in s})
+    raise ConfigError(f"the adapters' {field} mix names and regexes; combine adapters targeted alike")
 
 
 register_method(IA3Config, IA3Model)
