@@ -177,8 +177,13 @@ def test_files_equal_peft_both_ways_and_shrink_to_the_kept_ranks(tmp_path):
     from lorakit.cli.inspect import summarize
 
     info = summarize(tmp_path / "ours")  # lorakit inspect
-    assert info["adalora"] == {"init_r": 6, "target_r": 3, "total_step": 20}
-    assert sum(info["rank_pattern"].values()) == 18 and info["modules_adapted"] == 6
+    assert {k: info["config"][k] for k in ("init_r", "target_r", "total_step")} == {
+        "init_r": 6,
+        "target_r": 3,
+        "total_step": 20,
+    }
+    assert "18 of 36 triplets kept" in info["summary"]
+    assert sum(m["rank"] for m in info["modules"].values()) == 18 and info["modules_adapted"] == 6
     assert info["adapter_parameters"] == sum(t.numel() for t in kw.values())
 
     ids = input_ids()

@@ -327,7 +327,7 @@ def test_cli_table(capsys):
 def test_cli_json(capsys, tmp_path):
     assert cli_estimate.run(parse("gpt2", "--targets", "c_attn", "--json")) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["lora"]["trainable_params"] == 12 * 8 * (768 + 2304)
+    assert data["adapter"]["trainable_params"] == 12 * 8 * (768 + 2304)
     assert data["memory"]["full"]["master_weights"] == 4 * 124_439_808
     file = tmp_path / "out.json"
     assert cli_estimate.run(parse("smollm2-135m", "--json", str(file))) == 0
@@ -347,14 +347,14 @@ def test_cli_layer_and_quoted_figures(capsys):
 def test_cli_targets_regex_rank_pattern_and_adapter_config(capsys, tmp_path):
     args = parse("llama-2-7b", "--targets", "q_proj,v_proj", "--rank-pattern", "q_proj=16", "--json")
     cli_estimate.run(args)
-    assert json.loads(capsys.readouterr().out)["lora"]["adapter_params"] == 32 * (16 + 8) * 8192
+    assert json.loads(capsys.readouterr().out)["adapter"]["adapter_params"] == 32 * (16 + 8) * 8192
     LoraConfig(r=4, target_modules=["q_proj"]).save_pretrained(tmp_path)
     cli_estimate.run(parse("llama-2-7b", "--adapter-config", str(tmp_path), "--r", "2", "--json"))
-    assert json.loads(capsys.readouterr().out)["lora"]["adapter_params"] == 32 * 2 * 8192
+    assert json.loads(capsys.readouterr().out)["adapter"]["adapter_params"] == 32 * 2 * 8192
     cli_estimate.run(parse("llama-2-7b", "--targets", r".*\.0\.self_attn\.q_proj", "--json"))
-    assert json.loads(capsys.readouterr().out)["lora"]["adapter_params"] == 8 * 8192
+    assert json.loads(capsys.readouterr().out)["adapter"]["adapter_params"] == 8 * 8192
     cli_estimate.run(parse("gpt2", "--targets", "c_attn", "--dora", "--json"))  # + a magnitude per output
-    assert json.loads(capsys.readouterr().out)["lora"]["adapter_params"] == 12 * (8 * (768 + 2304) + 2304)
+    assert json.loads(capsys.readouterr().out)["adapter"]["adapter_params"] == 12 * (8 * (768 + 2304) + 2304)
 
 
 @pytest.mark.parametrize(
@@ -423,3 +423,29 @@ def test_ia3_count_equals_the_real_adapted_model():
     assert estimate.trainable == get_peft_model(tiny_llama(), config).get_nb_trainable_parameters()[0]
     by_name = {m.name.rsplit(".", 1)[-1]: m.params for m in estimate.modules}
     assert by_name == {"k_proj": 16, "v_proj": 16, "down_proj": 64}  # (out, 1) vectors; (1, in) for feedforward
+
+
+def test_cli_method_counts_what_that_method_trains(capsys, tmp_path):
+    """``--method`` picks the config; the count is the real injection's (SmolLM2: 57,600 IA³ values, as the
+    ``lorakit train --method ia3`` log reports)."""
+    from lorakit import AdaLoraConfig, IA3Config
+
+    assert cli_estimate.run(parse("smollm2-135m", "--method", "ia3", "--json")) == 0
+    data = json.loads(capsys.readouterr().out)["adapter"]
+    assert data["method"] == "IA³" and data["trainable_params"] == 30 * (192 + 192 + 1536) == 57_600
+    assert cli_estimate.run(parse("smollm2-135m", "--method", "ia3")) == 0
+    out = capsys.readouterr().out
+    assert "IA³+NF4" in out and "values each" in out and "57,600" in out
+    assert (
+        cli_estimate.run(parse("llama-2-7b", "--method", "adalora", "--r", "12", "--targets", "q_proj", "--json")) == 0
+    )
+    data = json.loads(capsys.readouterr().out)["adapter"]
+    assert data["adapter_params"] == 32 * (12 * 2 * 4096 + 12)  # A, B and the singular values E at init_r
+    IA3Config(target_modules=["q_proj"], feedforward_modules=[]).save_pretrained(tmp_path)
+    assert cli_estimate.run(parse("llama-2-7b", "--adapter-config", str(tmp_path), "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"]["adapter_params"] == 32 * 4096
+    with pytest.raises(ConfigError, match="--r: not a setting of IA³"):
+        cli_estimate.run(parse("llama-2-7b", "--method", "ia3", "--r", "4"))
+    with pytest.raises(ConfigError, match="contradicts --adapter-config, which holds a IA³ adapter"):
+        cli_estimate.run(parse("llama-2-7b", "--method", "lora", "--adapter-config", str(tmp_path)))
+    assert AdaLoraConfig  # the class cli_estimate builds for --method adalora

@@ -43,6 +43,9 @@ class PeftType(str, enum.Enum):
     OFT = "OFT"
     BOFT = "BOFT"
     VERA = "VERA"
+    # lorakit's own: PEFT has no bottleneck adapters (Houlsby/Pfeiffer; the adapters library's BnConfig), so no
+    # PEFT file carries this value and PEFT cannot load such an adapter.
+    BOTTLENECK = "BOTTLENECK"
 
 
 class TaskType(str, enum.Enum):
@@ -140,6 +143,19 @@ class PeftConfig:
         Raises:
             ShapeMismatchError: naming the first contradiction.
         """
+
+    #: How the method's per-module tensors begin in its file (``<module>.<FILE_PREFIX>...``, e.g. ``lora_``);
+    #: ``lorakit inspect`` groups a file's tensors by module with it. Empty: the method has no per-module tensors.
+    FILE_PREFIX: ClassVar[str] = ""
+
+    def summary(self) -> str:
+        """One line for ``lorakit inspect``: the method and the settings that size it (e.g. ``r=8``)."""
+        return self.NAME or str(getattr(self.peft_type, "value", self.peft_type))
+
+    def rank_of(self, tensor: str, shape: list[int]) -> int | None:
+        """The rank a file tensor shows (``tensor``: its name after the module's, e.g. ``lora_A``), or None
+        when the method has no rank."""
+        return None
 
     # -- serialisation -------------------------------------------------------------------------------
 

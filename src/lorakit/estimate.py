@@ -328,10 +328,16 @@ def count_parameters(model: nn.Module, config: PeftConfig) -> ParameterEstimate:
         elif params:  # another method's layer (no low-rank factors): its values count as the module's own
             k, d = layer.kind.features(layer.base_layer)
             estimate.modules.append(AdaptedModule(name, layer.kind.name, k, d, 0, 0, 0, sum(p.numel() for p in params)))
-    for p in adapted.parameters():  # what else trains: the biases that ``bias`` makes trainable
-        if p.requires_grad and id(p) not in counted:
+    inside_base = {id(p) for p in adapted.get_base_model().parameters()}
+    for name, p in adapted.named_parameters():  # what else trains
+        if not p.requires_grad or id(p) in counted:
+            continue
+        if id(p) in inside_base:  # a base bias that ``bias`` makes trainable
             estimate.bias += p.numel()
             estimate.extra_tensor_sizes.append(p.numel())
+        else:  # the method's own modules outside the model (a prompt encoder): adapter values, by tensor
+            module = name.removeprefix("base_model.").rsplit(".", 1)[0]
+            estimate.modules.append(AdaptedModule(module, "own", 0, 0, 0, 0, 0, p.numel()))
     return estimate
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lorakit import LoraConfig, PeftModel, get_peft_model
+from lorakit import IA3Config, LoraConfig, PeftModel, get_peft_model
 from lorakit.cli import COMMANDS, main
 
 
@@ -40,7 +40,8 @@ def test_inspect(adapter_dir, capsys):
     folder, trainable = adapter_dir
     assert main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "q_proj" in out and "down_proj" in out and f"{trainable:,} in LoRA factors" in out
+    assert "q_proj" in out and "down_proj" in out and f"{trainable:,} in the adapter's per-module tensors" in out
+    assert "r=4  lora_alpha=8  scaling=2  LoRA" in out
     assert main(["inspect", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["adapter_parameters"] == trainable
@@ -61,13 +62,30 @@ def test_dora_adapter_inspects_and_merges(tmp_path, model_dir, capsys):
     assert main(["inspect", str(tmp_path / "dora")]) == 0
     out = capsys.readouterr().out
     trainable = model.get_nb_trainable_parameters()[0]
-    assert "DoRA" in out and f"{trainable:,} in LoRA factors and DoRA magnitudes" in out
+    assert "DoRA (magnitude + direction)" in out and f"{trainable:,} in the adapter's per-module tensors" in out
     merged_dir = tmp_path / "merged"
     assert main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "dora"), "-o", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     ids = torch.tensor([[5, 9, 17, 33, 2]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_ia3_adapter_inspects_by_module_without_ranks(tmp_path, model_dir, capsys):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, IA3Config(task_type="CAUSAL_LM"))  # k_proj, v_proj, down_proj (feedforward)
+    model.save_pretrained(tmp_path / "ia3")
+    assert main(["inspect", str(tmp_path / "ia3"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    trainable = model.get_nb_trainable_parameters()[0]
+    assert info["peft_type"] == "IA3" and info["method"] == "IA³"
+    assert info["adapter_parameters"] == trainable and info["other_tensors"] == {}
+    assert set(info["by_module"]) == {"k_proj", "v_proj", "down_proj"}
+    assert all(t["ranks"] == [] and t["layers"] == "0-1" for t in info["by_module"].values())
+    assert main(["inspect", str(tmp_path / "ia3")]) == 0
+    out = capsys.readouterr().out
+    assert "IA³: learned vectors" in out and f"{trainable:,} in the adapter's per-module tensors" in out
+    assert "rank" not in out.split("targets", 1)[1]
 
 
 def test_inspect_bad_folder(tmp_path, capsys):

@@ -14,6 +14,10 @@ examples:
   # LLaMA-2-7B, LoRA r=8 on every linear layer: exact counts, full FT vs LoRA vs QLoRA memory
   lorakit estimate llama-2-7b
 
+  # another method: IA³ on the architecture's default targets; AdaLoRA starting at rank 12
+  lorakit estimate llama-2-7b --method ia3
+  lorakit estimate llama-2-7b --method adalora --r 12
+
   # the figures usually quoted for LoRA and QLoRA, recomputed exactly (4096x4096 at r=8; LLaMA-7B counts; NF4 ~4 GB)
   lorakit estimate --quoted-figures
 
@@ -55,9 +59,10 @@ def add_parser(sub: Any) -> None:
 
     p = sub.add_parser(
         "estimate",
-        help="trainable parameters and training memory (full FT vs LoRA vs QLoRA) from a config alone",
+        help="trainable parameters and training memory (full FT vs an adapter method) from a config alone",
         description=textwrap.fill(
-            "Exact LoRA parameter counts and a training-memory table for full fine-tuning, LoRA and QLoRA (NF4), "
+            "Exact adapter parameter counts (LoRA by default; --method) and a training-memory table for full "
+            "fine-tuning, the adapter and the adapter on a 4-bit NF4 base (QLoRA for LoRA), "
             "computed from a model config without loading weights. Presets: " + ", ".join(PRESETS) + ".",
             width=100,
             break_on_hyphens=False,
@@ -72,7 +77,13 @@ def add_parser(sub: Any) -> None:
         "--arch", metavar="CLASS", help="transformers model class to build, e.g. LlamaForSequenceClassification"
     )
     p.add_argument("--task", choices=_TASKS, default=S, help="task type: picks the model class and trained heads")
-    g = p.add_argument_group("LoRA (the same meaning as LoraConfig's fields)")
+    p.add_argument(
+        "--method",
+        choices=list(_method_configs()),
+        default=S,
+        help="the adapter method counted (lora; --adapter-config's peft_type when that is given)",
+    )
+    g = p.add_argument_group("adapter settings (the same meaning as the config fields; those a method has)")
     g.add_argument("--r", "-r", type=int, default=S, help="rank (8)")
     g.add_argument(
         "--targets",
@@ -110,7 +121,7 @@ def add_parser(sub: Any) -> None:
         "--adapter-config",
         dest="adapter_config",
         metavar="FILE",
-        help="read the LoRA settings from adapter_config.json",
+        help="read the adapter's settings (any method) from adapter_config.json",
     )
     g = p.add_argument_group("memory")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype (bf16)")
@@ -137,24 +148,65 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def lora_config(args: argparse.Namespace) -> Any:
-    """The :class:`~lorakit.LoraConfig` the flags describe (flags override ``--adapter-config``)."""
+def _method_configs() -> dict[str, tuple[Any, dict[str, Any], dict[str, str]]]:
+    """``--method`` name -> (config class, defaults, flag renames). The estimate counts whatever the method's
+    real injection creates; a method's entry only says how the flags read for it."""
+    from lorakit.tuners.adalora import AdaLoraConfig
+    from lorakit.tuners.ia3 import IA3Config
     from lorakit.tuners.lora import LoraConfig
 
-    fields = (
-        "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern use_dora"
-    ).split()
-    given = {f: getattr(args, f) for f in fields if hasattr(args, f)}
+    return {
+        "lora": (LoraConfig, {"target_modules": "all-linear"}, {}),
+        # AdaLoRA trains init_r triplets until it cuts them; the schedule's length changes no count
+        "adalora": (AdaLoraConfig, {"target_modules": "all-linear", "total_step": 1000}, {"r": "init_r"}),
+        "ia3": (IA3Config, {}, {}),  # the architecture's default targets (keys, values, feedforward)
+    }
+
+
+#: Flags -> config fields; a flag given for a method whose config lacks the field is an error.
+_FIELDS = (
+    "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern use_dora"
+).split()
+
+
+def adapter_config(args: argparse.Namespace) -> Any:
+    """The adapter config the flags describe (flags override ``--adapter-config``, whose method is kept).
+
+    Raises:
+        ConfigError: a flag the method has no field for (e.g. ``--r`` with IA³), or ``--method`` contradicting
+            ``--adapter-config``.
+    """
+    import dataclasses
+
+    from lorakit.config import PeftConfig
+    from lorakit.errors import ConfigError
+
+    methods = _method_configs()
+    given = {f: getattr(args, f) for f in _FIELDS if hasattr(args, f)}
     if hasattr(args, "task"):
         given["task_type"] = args.task
     if "rank_pattern" in given:
         given["rank_pattern"] = dict(given["rank_pattern"])
     if "target_modules" in given:
         given["target_modules"] = _targets(given["target_modules"])
-    if args.adapter_config:
-        return LoraConfig.from_pretrained(args.adapter_config, **given)
-    given.setdefault("target_modules", "all-linear")
-    return LoraConfig(**given)
+    saved = PeftConfig.from_pretrained(args.adapter_config) if args.adapter_config else None
+    name = getattr(args, "method", "lora")
+    if saved is not None:
+        found = next((n for n, (cls, _, _) in methods.items() if type(saved) is cls), None)
+        if hasattr(args, "method") and args.method != found:
+            raise ConfigError(
+                f"--method {args.method} contradicts --adapter-config, which holds a {saved.NAME} adapter"
+            )
+        name = found or name
+    cls, defaults, renames = methods[name] if saved is None or name in methods else (type(saved), {}, {})
+    given = {renames.get(k, k): v for k, v in given.items()}
+    refused = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+    if refused:
+        flags = ", ".join("--" + next((k for k, v in renames.items() if v == f), f).replace("_", "-") for f in refused)
+        raise ConfigError(f"{flags}: not a setting of {cls.NAME} ({cls.__name__}); drop it or pick another --method")
+    if saved is not None:
+        return cls.from_pretrained(args.adapter_config, **given)
+    return cls(**{**defaults, **given})
 
 
 def _targets(values: list[str]) -> list[str] | str | None:
@@ -174,7 +226,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         return {"layer": E.layer_comparison(*args.layer, getattr(args, "r", 8))}
     if args.quoted_figures:
         return {"quoted_figures": E.quoted_figures(getattr(args, "r", 8))}
-    config = lora_config(args)
+    config = adapter_config(args)
     model_config, origin = E.load_model_config(args.model_opt or args.source)
     model = E.build_meta_model(model_config, args.arch, config.task_type)
     est = E.count_parameters(model, config)
@@ -197,7 +249,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             "model_type": model_config.model_type,
             "total_params": est.total,
         },
-        "lora": {
+        "adapter": {
+            "method": config.NAME,
+            "summary": config.summary().splitlines()[0],
             "config": {k: v for k, v in config.to_dict().items() if v not in (None, [], {}, False)},
             "target_modules": resolve_target_modules(model, config),
             "modules": len(est.modules),
@@ -256,21 +310,27 @@ def print_layer(layer: dict[str, Any], out: Any = None) -> None:
 
 
 def print_estimate(res: dict[str, Any]) -> None:
-    m, lora, mem, setup = res["model"], res["lora"], res["memory"], res["setup"]
+    m, lora, mem, setup = res["model"], res["adapter"], res["memory"], res["setup"]
+    name = lora["method"]
+    low_bit = "QLoRA" if name == "LoRA" else f"{name}+NF4"
     total = m["total_params"]
     print(f"model       {m['source']}: {m['class']} (model_type {m['model_type']}); from {m['origin']}")
     print(f"parameters  {total:,} in the base model (tied weights counted once; no weights were read)")
     cfg = lora["config"]
     targets = lora["target_modules"]
     shown = f"{targets!r}" + ("" if "target_modules" in cfg else " (the architecture's default)")
-    print(f"\nLoRA r={cfg['r']}, target_modules={shown} -> {lora['modules']} modules")
-    print(f"  {'module':<16} {'kind':<10} {'k (in)':>8} {'d (out)':>8} {'r':>4} {'count':>6} {'r(k+d) each':>13}")
+    print(f"\n{lora['summary']}, target_modules={shown} -> {lora['modules']} modules")
+    ranked = any(g["r"] for g in lora["groups"])
+    each = "r(k+d) each" if ranked else "values each"
+    print(
+        f"  {'module':<16} {'kind':<10} {'k (in)':>8} {'d (out)':>8} {'r' if ranked else '':>4} {'count':>6} {each:>13}"
+    )
     for g in lora["groups"]:
         print(
-            f"  {g['name']:<16} {g['kind']:<10} {g['in']:>8} {g['out']:>8} {g['r']:>4} "
+            f"  {g['name']:<16} {g['kind']:<10} {g['in']:>8} {g['out']:>8} {g['r'] if ranked else '':>4} "
             f"{'x' + str(g['count']):>6} {g['params_each']:>13,}"
         )
-    if any(g["kind"] == "conv" for g in lora["groups"]):
+    if ranked and any(g["kind"] == "conv" for g in lora["groups"]):
         print("  (convolutions: A has r*k*kernel values, not r*k)")
     if cfg.get("use_dora"):
         print("  (DoRA: each also trains a magnitude per output, d values)")
@@ -285,7 +345,7 @@ def print_estimate(res: dict[str, Any]) -> None:
     )
 
     dtype, e = setup["dtype"], {"fp32": 4, "bf16": 2, "fp16": 2}[setup["dtype"]]
-    print(f"\nTraining memory (GiB = 2^30 bytes)   {'full FT':>10} {'LoRA':>10} {'QLoRA':>10}")
+    print(f"\nTraining memory (GiB = 2^30 bytes)   {'full FT':>10} {name:>10} {low_bit:>10}")
     rows = [
         ("weights", "weights"),
         ("fp32 master weights", "master_weights"),
@@ -318,15 +378,15 @@ def print_estimate(res: dict[str, Any]) -> None:
         f"batch {setup['batch_size']} x {setup['seq_len']} tokens, gradient checkpointing "
         f"{'on' if setup['gradient_checkpointing'] else 'off'}, {dtype} activations; per token and layer "
         "6h + 2h_kv + 4i values (LLaMA-style decoder, SDPA/flash attention)"
-        + (" + vocabulary logits" if res["lora"]["lm_head"] else "")
+        + (" + vocabulary logits" if lora["lm_head"] else "")
     )
     if res["activation_sizes"] is None:
         act = "not estimated: the config lacks hidden_size/num_hidden_layers/num_attention_heads/vocab_size"
     notes = [
         f"full FT: weights and gradients in {dtype}; {master}",
-        f"LoRA/QLoRA: frozen base in {dtype}; adapter factors, their gradients and optimizer states in fp32 "
+        f"{name}/{low_bit}: frozen base in {dtype}; adapter tensors, their gradients and optimizer states in fp32 "
         f"(lorakit's default, also on a 16-bit base); modules_to_save copies and trainable biases in {dtype}",
-        f"QLoRA: {q['quantized_params']:,} Linear weights in NF4 (4 bits, blocks of 64) with {dq}: "
+        f"{low_bit}: {q['quantized_params']:,} Linear weights in NF4 (4 bits, blocks of 64) with {dq}: "
         f"{_gib(q['quantized_bytes'])} GiB; the other {q['unquantized_params']:,} parameters (embeddings, norms, "
         f"biases, output head: transformers does not quantize them) in {dtype}",
         f"optimizer: {optim}",

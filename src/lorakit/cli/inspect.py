@@ -17,10 +17,6 @@ examples:
 """
 
 _LAYER = re.compile(r"\.(\d+)\.")
-_FACTOR = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$"
-    r"|\.(lora_embedding_[AB]|lora_magnitude_vector|lora_A|lora_B|lora_E)$"  # bare tensors: DoRA, AdaLoRA
-)
 
 
 def add_parser(sub: Any) -> None:
@@ -72,48 +68,40 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
 
     modules: dict[str, dict[str, Any]] = {}
     others: dict[str, list[int]] = {}
+    marker = config.FILE_PREFIX
     for key, (shape, _) in shapes.items():
-        m = _FACTOR.search(key)
-        if not m:
+        parts = key.split(".")
+        at = next((i for i, part in enumerate(parts) if marker and part.startswith(marker)), None)
+        if not at:  # not one of the method's per-module tensors (a trained head copy, a bias, prompt embeddings)
             others[key] = shape
             continue
-        name = key[: m.start()].removeprefix("base_model.model.")
-        factor = m.group(1) or m.group(3)
-        entry = modules.setdefault(name, {"params": 0})
+        name = ".".join(parts[:at]).removeprefix("base_model.model.")
+        entry = modules.setdefault(name, {"params": 0, "rank": None})
         entry["params"] += int(torch.Size(shape).numel())
-        if factor == "lora_A":
-            entry["r"] = shape[0]
-        elif factor == "lora_embedding_A":
-            entry["r"] = shape[0]
+        rank = config.rank_of(parts[at], shape)
+        if rank is not None:
+            entry["rank"] = rank
 
     by_type: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "ranks": set(), "layers": set()})
     for name, entry in modules.items():
-        suffix = name.rsplit(".", 1)[-1]
-        t = by_type[suffix]
+        t = by_type[name.rsplit(".", 1)[-1]]
         t["count"] += 1
-        t["ranks"].add(entry.get("r"))
+        t["ranks"].add(entry["rank"])
         layer = _LAYER.findall(name)
         if layer:
             t["layers"].add(int(layer[-1]))
-    adapter_params = sum(e["params"] for e in modules.values())
-    other_params = sum(int(torch.Size(s).numel()) for s in others.values())
-    adalora = getattr(config, "init_r", None) is not None
+    targets = getattr(config, "target_modules", None)
     return {
         "folder": str(folder),
         "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "method": config.NAME,
+        "summary": config.summary(),
         "task_type": str(getattr(config.task_type, "value", config.task_type)),
         "base_model": config.base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "use_dora": config.use_dora,
-        "rank_pattern": (config.kept_ranks if adalora else config.rank_pattern) or {},
-        "adalora": {"init_r": config.init_r, "target_r": config.target_r, "total_step": config.total_step}
-        if adalora
-        else None,
-        "target_modules": sorted(config.target_modules)
-        if isinstance(config.target_modules, (set, list, tuple))
-        else config.target_modules,
+        "config": json.loads(config.to_json()),
+        "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
         "modules_adapted": len(modules),
+        "modules": modules,
         "by_module": {
             k: {
                 "count": v["count"],
@@ -122,9 +110,9 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
             }
             for k, v in sorted(by_type.items())
         },
-        "adapter_parameters": adapter_params,
+        "adapter_parameters": sum(e["params"] for e in modules.values()),
         "other_tensors": {k: v for k, v in sorted(others.items())},
-        "other_parameters": other_params,
+        "other_parameters": sum(int(torch.Size(s).numel()) for s in others.values()),
         "dtypes": sorted({d for _, d in shapes.values()}),
         "weights_file": weights.name,
         "file_bytes": weights.stat().st_size,
@@ -146,32 +134,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"adapter      {info['folder']}")
     print(f"type         {info['peft_type']} ({info['task_type']})   base model: {info['base_model']}")
-    ada = info["adalora"]
-    if ada:
-        kept = info["rank_pattern"]
-        ranks = f"{sum(kept.values())} of {ada['init_r'] * len(kept)} triplets kept" if kept else "not cut yet"
-        scaling = info["lora_alpha"] / (ada["init_r"] + 1e-5)
-        print(
-            f"rank         AdaLoRA init_r={ada['init_r']} -> target_r={ada['target_r']} on average: {ranks}  "
-            f"lora_alpha={info['lora_alpha']}  scaling={scaling:.4g}"
-        )
-    else:
-        method = "DoRA (magnitude + direction)" if info["use_dora"] else "LoRA"
-        scaling = info["lora_alpha"] / info["r"]
-        print(f"rank         r={info['r']}  lora_alpha={info['lora_alpha']}  scaling={scaling:g}  {method}")
-        if info["rank_pattern"]:
-            print(f"rank_pattern {info['rank_pattern']}")
-    print(f"targets      {info['target_modules']}  -> {info['modules_adapted']} modules")
+    print(f"method       {info['summary']}")
+    if info["modules_adapted"]:
+        print(f"targets      {info['target_modules']}  -> {info['modules_adapted']} modules")
     for name, t in info["by_module"].items():
-        print(f"  {name:<24} x{t['count']:<4} rank {','.join(map(str, t['ranks']))}   layers {t['layers']}")
-    held = "LoRA factors and DoRA magnitudes" if info["use_dora"] else "LoRA factors"
-    held = "AdaLoRA triplets (A, E, B)" if ada else held
-    print(f"parameters   {info['adapter_parameters']:,} in {held}", end="")
-    print(
-        f" + {info['other_parameters']:,} in {len(info['other_tensors'])} other tensors"
-        if info["other_tensors"]
-        else ""
-    )
+        ranks = f"rank {','.join(map(str, t['ranks']))}   " if t["ranks"] else ""
+        print(f"  {name:<24} x{t['count']:<4} {ranks}layers {t['layers']}")
+    parts = [f"{info['adapter_parameters']:,} in the adapter's per-module tensors"] if info["modules_adapted"] else []
+    if info["other_tensors"]:
+        shown = ", ".join(list(info["other_tensors"])[:3]) + (", ..." if len(info["other_tensors"]) > 3 else "")
+        parts.append(f"{info['other_parameters']:,} in {len(info['other_tensors'])} other tensors ({shown})")
+    print(f"parameters   {' + '.join(parts) or 'none'}")
     print(f"file         {info['weights_file']}: {info['file_bytes'] / 2**20:.2f} MiB ({', '.join(info['dtypes'])})")
     if info["other_adapters"]:
         print(f"also holds   adapters {info['other_adapters']} (subfolders)")

@@ -29,6 +29,14 @@ class AdaLoraConfig(LoraConfig):
     PEFT_TYPE: ClassVar[PeftType] = PeftType.ADALORA
     NAME: ClassVar[str] = "AdaLoRA"
 
+    def summary(self) -> str:
+        kept = self.kept_ranks or {}
+        ranks = f"{sum(kept.values())} of {self.init_r * len(kept)} triplets kept" if kept else "not cut yet"
+        return (
+            f"AdaLoRA init_r={self.init_r} -> target_r={self.target_r} on average: {ranks}  "
+            f"lora_alpha={self.lora_alpha:g}  scaling={self.lora_alpha / (self.init_r + 1e-5):.4g}"
+        )
+
     target_r: int = 8
     """Average rank per adapted matrix when the schedule ends (the total budget is target_r × matrices)."""
     init_r: int = 12

@@ -104,6 +104,7 @@ class IA3Config(PeftConfig):
 
     PEFT_TYPE: ClassVar[PeftType] = PeftType.IA3
     NAME: ClassVar[str] = "IA³"
+    FILE_PREFIX: ClassVar[str] = "ia3_"
     #: Targets when ``target_modules`` is None, by ``config.model_type`` (read by :mod:`lorakit.targeting`).
     DEFAULT_TARGETS: ClassVar[dict[str, list[str]]] = DEFAULT_TARGET_MODULES
     #: Feedforward modules when ``feedforward_modules`` is None, by ``config.model_type``.
@@ -128,6 +129,11 @@ class IA3Config(PeftConfig):
                     f"feedforward_modules holds {extra}, which target_modules={self.target_modules!r} does not; "
                     "feedforward_modules must be a subset of target_modules (add them to target_modules)"
                 )
+
+    def summary(self) -> str:
+        feedforward = self.feedforward_modules
+        shown = "the architecture's default" if feedforward is None else repr(feedforward)
+        return f"IA³: learned vectors (outputs rescaled; inputs of feedforward modules {shown})"
 
     def feedforward_for(self, model_type: str | None) -> list[str] | str:
         """``feedforward_modules`` made concrete: the architecture's default for None (as PEFT fills it in).

@@ -138,6 +138,16 @@ class LoraConfig(PeftConfig):
     INFORMATIONAL_FIELDS: ClassVar[tuple[str, ...]] = (*PeftConfig.INFORMATIONAL_FIELDS, *_ANY_VALUE_FIELDS)
     #: Targets when ``target_modules`` is None, by ``config.model_type`` (read by :mod:`lorakit.targeting`).
     DEFAULT_TARGETS: ClassVar[dict[str, list[str]]] = DEFAULT_TARGET_MODULES
+    FILE_PREFIX: ClassVar[str] = "lora_"
+
+    def summary(self) -> str:
+        method = "DoRA (magnitude + direction)" if self.use_dora else "LoRA"
+        scaling = self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        line = f"r={self.r}  lora_alpha={self.lora_alpha:g}  scaling={scaling:.4g}  {method}"
+        return line + (f"\nrank_pattern {self.rank_pattern}" if self.rank_pattern else "")
+
+    def rank_of(self, tensor: str, shape: list[int]) -> int | None:
+        return shape[0] if tensor in ("lora_A", "lora_embedding_A") else None
 
     def __post_init__(self) -> None:
         super().__post_init__()
