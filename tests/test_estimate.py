@@ -449,3 +449,22 @@ def test_cli_method_counts_what_that_method_trains(capsys, tmp_path):
     with pytest.raises(ConfigError, match="contradicts --adapter-config, which holds a IA³ adapter"):
         cli_estimate.run(parse("llama-2-7b", "--method", "lora", "--adapter-config", str(tmp_path)))
     assert AdaLoraConfig  # the class cli_estimate builds for --method adalora
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning", "prefix-tuning", "houlsby", "pfeiffer"])
+def test_every_method_s_count_equals_its_real_adapted_model(method):
+    """Prompt encoders (outside the model) count as the adapter, one row per module; bottleneck sites as layers."""
+    cls, defaults, _ = cli_estimate._method_configs()[method]
+    estimate = count_parameters(tiny_llama(), cls(**defaults))
+    real = get_peft_model(tiny_llama(), cls(**defaults))
+    assert estimate.trainable == real.get_nb_trainable_parameters()[0] > 0
+    assert estimate.bias == 0 and estimate.adapter == estimate.trainable
+
+
+def test_cli_estimate_of_a_prompt_method(capsys):
+    assert cli_estimate.run(parse("smollm2-135m", "--method", "p-tuning", "--virtual-tokens", "10", "--json")) == 0
+    data = json.loads(capsys.readouterr().out)["adapter"]
+    assert data["config"]["num_virtual_tokens"] == 10 and data["target_modules"] is None
+    assert [g["name"] for g in data["groups"]] == ["prompt_encoder"] and data["groups"][0]["kind"] == "own"
+    with pytest.raises(ConfigError, match="--reduction-factor: not a setting of prompt tuning"):
+        cli_estimate.run(parse("smollm2-135m", "--method", "prompt-tuning", "--reduction-factor", "8"))

@@ -33,12 +33,25 @@ from lorakit.tasks import (
 )
 from lorakit.tuners.adalora import AdaLoraConfig
 from lorakit.tuners.adalora.model import AdaLoraModel
+from lorakit.tuners.bottleneck import BottleneckConfig
+from lorakit.tuners.bottleneck.adapterhub import load_adapters_library
+from lorakit.tuners.bottleneck.model import BottleneckModel
 from lorakit.tuners.ia3 import IA3Config
 from lorakit.tuners.ia3.model import IA3Model
 from lorakit.tuners.lora import LoraConfig
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
 from lorakit.tuners.lora.layer import LoraLayer
 from lorakit.tuners.lora.model import LoraModel
+from lorakit.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from lorakit.tuners.p_tuning.encoder import PromptEncoder
+from lorakit.tuners.p_tuning.model import PTuningModel
+from lorakit.tuners.prefix_tuning import PrefixTuningConfig
+from lorakit.tuners.prefix_tuning.encoder import PrefixEncoder
+from lorakit.tuners.prefix_tuning.model import PrefixTuningModel
+from lorakit.tuners.prompt_learning import PromptLearningConfig
+from lorakit.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from lorakit.tuners.prompt_tuning.encoder import PromptEmbedding
+from lorakit.tuners.prompt_tuning.model import PromptTuningModel
 
 __version__ = "0.1.0"
 
@@ -52,6 +65,8 @@ __all__ = [
     "AdapterExistsError",
     "AdapterFileError",
     "AdapterNotFoundError",
+    "BottleneckConfig",
+    "BottleneckModel",
     "ConfigError",
     "IA3Config",
     "IA3Model",
@@ -70,11 +85,24 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PTuningModel",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PrefixTuningModel",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptTuningModel",
     "ShapeMismatchError",
     "TargetNotFoundError",
     "TaskType",
     "UnsupportedModuleError",
     "get_peft_model",
+    "load_adapters_library",
     "prepare_model_for_kbit_training",
     "quantize",
     "replace_lora_weights_loftq",

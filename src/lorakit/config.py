@@ -192,7 +192,13 @@ class PeftConfig:
         """
         data = dict(data)
         if "peft_type" not in data and cls.PEFT_TYPE is None:
-            raise ConfigError("this adapter config has no peft_type; lorakit cannot tell which method it is")
+            hint = ""
+            if isinstance(data.get("config"), dict) and "model_class" in data:  # AdapterHub's adapter_config.json
+                hint = (
+                    "; it looks like a folder saved by the adapters library (AdapterHub): load it with "
+                    "lorakit.load_adapters_library(model, folder)"
+                )
+            raise ConfigError(f"this adapter config has no peft_type; lorakit cannot tell which method it is{hint}")
         peft_type = enum_value(data.get("peft_type", cls.PEFT_TYPE), PeftType, "peft_type")
         if peft_type not in _METHODS:
             supported = ", ".join(repr(t.value) for t in _METHODS)

@@ -15,6 +15,7 @@ Memory (bytes; GiB = 2**30 bytes) is split into weights, an fp32 master copy, gr
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -329,15 +330,16 @@ def count_parameters(model: nn.Module, config: PeftConfig) -> ParameterEstimate:
             k, d = layer.kind.features(layer.base_layer)
             estimate.modules.append(AdaptedModule(name, layer.kind.name, k, d, 0, 0, 0, sum(p.numel() for p in params)))
     inside_base = {id(p) for p in adapted.get_base_model().parameters()}
+    own: dict[str, int] = collections.defaultdict(int)
     for name, p in adapted.named_parameters():  # what else trains
         if not p.requires_grad or id(p) in counted:
             continue
         if id(p) in inside_base:  # a base bias that ``bias`` makes trainable
             estimate.bias += p.numel()
             estimate.extra_tensor_sizes.append(p.numel())
-        else:  # the method's own modules outside the model (a prompt encoder): adapter values, by tensor
-            module = name.removeprefix("base_model.").rsplit(".", 1)[0]
-            estimate.modules.append(AdaptedModule(module, "own", 0, 0, 0, 0, 0, p.numel()))
+        else:  # the method's own modules outside the model (a prompt encoder): one row per such module
+            own[name.removeprefix("base_model.").split(".", 1)[0]] += p.numel()
+    estimate.modules += [AdaptedModule(module, "own", 0, 0, 0, 0, 0, n) for module, n in own.items()]
     return estimate
 
 

@@ -402,9 +402,12 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapters applied (or, with ``adapter_names``, one adapter
-        per prompt row, as in :meth:`forward`; works with the KV cache, sampling and beam search)."""
+        per prompt row, as in :meth:`forward`; works with the KV cache, sampling and beam search).
+
+        The tuner runs it: a weight method's tuner answers with the base model's own ``generate`` (its layers hold
+        the adapters), a method that adds inputs (a prompt) with one that adds them."""
         with self._rows(adapter_names, args, kwargs):
-            return self.get_base_model().generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
 
     def _rows(self, adapter_names: list[str] | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if adapter_names is None:

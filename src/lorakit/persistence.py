@@ -7,6 +7,13 @@ folder's root and any other adapter into a subfolder of its name — exactly wha
 
 The tensors to save are found through the adapter layers themselves (their ``adapter_state``), never by
 searching key names for substrings.
+
+What this module asks a tuner (``BaseTuner`` answers for every weight method): ``peft_config``, ``model``,
+``adapter_layers()``, ``weight_layers()`` and ``layer_file_state(...)``. A tuner may also say, as class
+attributes, ``file_key_prefix`` (how its files name a model tensor; default ``base_model.model.``) and
+``own_file_tensors(adapter_name, loading)``: the adapter's tensors that live outside the model's modules, by file
+key (a prompt-learning adapter's ``prompt_embeddings``) — what is written when saving, what a file's tensor is
+copied into when loading.
 """
 
 from __future__ import annotations
@@ -32,8 +39,19 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 
-def module_key(module_name: str, tensor_key: str) -> str:
-    return f"{KEY_PREFIX}{module_name}.{tensor_key}" if module_name else f"{KEY_PREFIX}{tensor_key}"
+def module_key(module_name: str, tensor_key: str, prefix: str = KEY_PREFIX) -> str:
+    return f"{prefix}{module_name}.{tensor_key}" if module_name else f"{prefix}{tensor_key}"
+
+
+def _prefix(tuner: BaseTuner) -> str:
+    """How the tuner's files name a model tensor (read from the class: a tuner forwards unknown attributes to
+    the model)."""
+    return getattr(type(tuner), "file_key_prefix", KEY_PREFIX)
+
+
+def _own_tensors(tuner: BaseTuner, adapter_name: str, loading: bool) -> dict[str, torch.Tensor]:
+    own = getattr(type(tuner), "own_file_tensors", None)
+    return dict(own(tuner, adapter_name, loading=loading)) if own is not None else {}
 
 
 # PEFT's rule for save_embedding_layers="auto": save base embedding weights when a module of these names is adapted.
@@ -41,7 +59,7 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def adapter_tensors(
-    tuner: BaseTuner, adapter_name: str, save_embedding_layers: bool | str = False
+    tuner: BaseTuner, adapter_name: str, save_embedding_layers: bool | str = False, loading: bool = False
 ) -> dict[str, torch.Tensor]:
     """File key -> live tensor for everything adapter ``adapter_name`` owns.
 
@@ -49,17 +67,20 @@ def adapter_tensors(
         save_embedding_layers: also include the input/output embedding weights, for models whose vocabulary
             was resized. ``"auto"`` (PEFT's rule) does so when a module named ``embed_tokens`` or ``lm_head``
             holds this adapter.
+        loading: the tensors a file is copied into (they differ from those written only for a tuner's own
+            tensors, see ``own_file_tensors``).
     """
     config = tuner.peft_config[adapter_name]
-    out = required_keys(tuner, adapter_name)
+    prefix = _prefix(tuner)
+    out = required_keys(tuner, adapter_name, loading=loading)
     if getattr(config, "bias", "none") == "lora_only":
         for name, layer in tuner.weight_layers():
             bias = getattr(layer.base_layer, "bias", None)
             if adapter_name in layer.adapter_names() and isinstance(bias, torch.Tensor):
-                out[module_key(name, "base_layer.bias")] = bias
+                out[module_key(name, "base_layer.bias", prefix)] = bias
     if getattr(config, "bias", "none") == "all":
         for name, param in _trainable_bias_candidates(tuner):
-            out[module_key("", name)] = param
+            out[module_key("", name, prefix)] = param
     out.update(_embedding_tensors(tuner, adapter_name, save_embedding_layers))
     return out
 
@@ -90,26 +111,29 @@ def _embedding_tensors(tuner: BaseTuner, adapter_name: str, mode: bool | str) ->
     if not mode or not hasattr(model, "get_input_embeddings"):
         return {}
     wanted = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    wrapped = {id(layer) for _, layer in tuner.weight_layers()}
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if not any(module is w for w in wanted):
             continue
-        if isinstance(module, tuner.layer_type):  # the method's layer wraps it: save its base
+        if id(module) in wrapped:  # the method's layer wraps it: save its base
             name, module = f"{name}.base_layer", module.base_layer
         elif only_wrapped:
             continue
         for key, param in module.named_parameters(remove_duplicate=False):
-            out[module_key(name, key)] = param
+            out[module_key(name, key, _prefix(tuner))] = param
     return out
 
 
-def required_keys(tuner: BaseTuner, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The keys an adapter file must hold: the factors and ``modules_to_save`` copies (biases are optional)."""
-    out: dict[str, torch.Tensor] = {}
+def required_keys(tuner: BaseTuner, adapter_name: str, loading: bool = False) -> dict[str, torch.Tensor]:
+    """The keys an adapter file must hold: the factors, ``modules_to_save`` copies and the tuner's own tensors
+    (biases are optional)."""
+    out = _own_tensors(tuner, adapter_name, loading)
+    prefix = _prefix(tuner)
     for name, layer in tuner.adapter_layers():
         if adapter_name in layer.adapter_names():
             for key, tensor in tuner.layer_file_state(name, layer, adapter_name).items():
-                out[module_key(name, key)] = tensor
+                out[module_key(name, key, prefix)] = tensor
     return out
 
 
@@ -243,10 +267,10 @@ def _peft_alias(key: str, adapter_name: str) -> str:
 
 def _base_tensors(tuner: BaseTuner) -> dict[str, torch.Tensor]:
     """File key -> tensor for every parameter and buffer of the model (a tied weight answers to each name)."""
-    model = tuner.model
-    out = {module_key("", n): p for n, p in model.named_parameters(remove_duplicate=False)}
+    model, prefix = tuner.model, _prefix(tuner)
+    out = {module_key("", n, prefix): p for n, p in model.named_parameters(remove_duplicate=False)}
     for n, b in model.named_buffers(remove_duplicate=False):
-        out.setdefault(module_key("", n), b)
+        out.setdefault(module_key("", n, prefix), b)
     return out
 
 
@@ -258,10 +282,11 @@ def load_adapter_state(tuner: BaseTuner, adapter_name: str, state: dict[str, Any
             a base tensor the adapter does not own (a base weight, a buffer such as rotary ``inv_freq``).
         ShapeMismatchError: a tensor's shape differs from the model's; names the first such key.
     """
-    required = required_keys(tuner, adapter_name)
-    # What the adapter owns: factors, DoRA magnitudes, modules_to_save copies, the biases its config trains, and
-    # (PEFT's resized-vocabulary files) the embedding weights. Nothing else of the base may be written.
-    owned = adapter_tensors(tuner, adapter_name, save_embedding_layers=True)
+    required = required_keys(tuner, adapter_name, loading=True)
+    # What the adapter owns: factors, DoRA magnitudes, modules_to_save copies, the biases its config trains, the
+    # tuner's own tensors (a prompt) and (PEFT's resized-vocabulary files) the embedding weights. Nothing else of
+    # the base may be written.
+    owned = adapter_tensors(tuner, adapter_name, save_embedding_layers=True, loading=True)
     missing = [k for k in required if k not in state]
     if missing:
         raise AdapterFileError(

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import TaskType
+from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import ConfigError
 from lorakit.model import PeftModel, base_name_or_path
-from lorakit.tuners.lora import LoraConfig
 
 
 class _TransformersForward(PeftModel):
@@ -130,7 +129,7 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[TaskType | None, type[PeftModel]] = {
 
 def get_peft_model(
     model: nn.Module,
-    peft_config: LoraConfig,
+    peft_config: PeftConfig,
     adapter_name: str = "default",
     mixed: bool = False,
     autocast_adapter_dtype: bool = True,

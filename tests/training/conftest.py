@@ -87,3 +87,11 @@ def model_dir(tmp_path, tiny_model, tokenizer):
     tiny_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    """16 training rows and 8 eval rows of the dates task (``training.runs.write_data``)."""
+    from training.runs import write_data  # runs imports this module
+
+    return write_data(tmp_path)

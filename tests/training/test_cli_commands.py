@@ -40,7 +40,7 @@ def test_inspect(adapter_dir, capsys):
     folder, trainable = adapter_dir
     assert main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "q_proj" in out and "down_proj" in out and f"{trainable:,} in the adapter's per-module tensors" in out
+    assert "q_proj" in out and "down_proj" in out and f"{trainable:,} in the adapter's tensors" in out
     assert "r=4  lora_alpha=8  scaling=2  LoRA" in out
     assert main(["inspect", str(folder), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -62,7 +62,7 @@ def test_dora_adapter_inspects_and_merges(tmp_path, model_dir, capsys):
     assert main(["inspect", str(tmp_path / "dora")]) == 0
     out = capsys.readouterr().out
     trainable = model.get_nb_trainable_parameters()[0]
-    assert "DoRA (magnitude + direction)" in out and f"{trainable:,} in the adapter's per-module tensors" in out
+    assert "DoRA (magnitude + direction)" in out and f"{trainable:,} in the adapter's tensors" in out
     merged_dir = tmp_path / "merged"
     assert main(["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "dora"), "-o", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
@@ -84,8 +84,28 @@ def test_an_ia3_adapter_inspects_by_module_without_ranks(tmp_path, model_dir, ca
     assert all(t["ranks"] == [] and t["layers"] == "0-1" for t in info["by_module"].values())
     assert main(["inspect", str(tmp_path / "ia3")]) == 0
     out = capsys.readouterr().out
-    assert "IA³: learned vectors" in out and f"{trainable:,} in the adapter's per-module tensors" in out
+    assert "IA³: learned vectors" in out and f"{trainable:,} in the adapter's tensors" in out
     assert "rank" not in out.split("targets", 1)[1]
+
+
+def test_prompt_and_bottleneck_adapters_inspect(tmp_path, model_dir, capsys):
+    from lorakit import BottleneckConfig, PromptEncoderConfig
+
+    for name, config in {
+        "p": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+        "b": BottleneckConfig.pfeiffer(),
+    }.items():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+        model.save_pretrained(tmp_path / name)
+    assert main(["inspect", str(tmp_path / "p"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "P-tuning" and info["modules"] == {"(model input)": {"params": 8 * 32, "rank": None}}
+    assert main(["inspect", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "8 virtual tokens" in out and "targets" not in out and "256 in the adapter's tensors" in out
+    assert main(["inspect", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "(placed by the method)  -> 2 modules" in out and "down_proj" in out and "layers 0-1" in out
 
 
 def test_inspect_bad_folder(tmp_path, capsys):

@@ -21,16 +21,7 @@ from lorakit.training import trainer as trainer_mod
 from lorakit.training.checkpoint import list_checkpoints
 from lorakit.training.config import TrainConfig
 from lorakit.training.trainer import train
-
-ROWS = [{"prompt": f"Convert to YYYY-MM-DD: March {d}, 2021", "completion": f"2021-03-{d:02d}"} for d in range(1, 25)]
-
-
-@pytest.fixture
-def data_files(tmp_path):
-    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:16]))
-    eval_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS[16:]))
-    return train_file, eval_file
+from training.runs import ROWS
 
 
 def config(model_dir, data_files, out, **kw) -> TrainConfig:

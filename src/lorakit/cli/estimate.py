@@ -118,6 +118,12 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--bias", choices=["none", "all", "lora_only"], default=S, help="trainable biases (none)")
     g.add_argument("--dora", dest="use_dora", action="store_true", default=S, help="DoRA: + one magnitude per output")
     g.add_argument(
+        "--virtual-tokens", dest="num_virtual_tokens", type=int, default=S, help="prompt methods: virtual tokens (20)"
+    )
+    g.add_argument(
+        "--reduction-factor", dest="reduction_factor", type=int, default=S, help="bottleneck: hidden / bottleneck (16)"
+    )
+    g.add_argument(
         "--adapter-config",
         dest="adapter_config",
         metavar="FILE",
@@ -152,20 +158,31 @@ def _method_configs() -> dict[str, tuple[Any, dict[str, Any], dict[str, str]]]:
     """``--method`` name -> (config class, defaults, flag renames). The estimate counts whatever the method's
     real injection creates; a method's entry only says how the flags read for it."""
     from lorakit.tuners.adalora import AdaLoraConfig
+    from lorakit.tuners.bottleneck import BottleneckConfig
     from lorakit.tuners.ia3 import IA3Config
     from lorakit.tuners.lora import LoraConfig
+    from lorakit.tuners.p_tuning import PromptEncoderConfig
+    from lorakit.tuners.prefix_tuning import PrefixTuningConfig
+    from lorakit.tuners.prompt_tuning import PromptTuningConfig
 
+    causal = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 20}  # a prompt method needs a task; --task overrides
     return {
         "lora": (LoraConfig, {"target_modules": "all-linear"}, {}),
         # AdaLoRA trains init_r triplets until it cuts them; the schedule's length changes no count
         "adalora": (AdaLoraConfig, {"target_modules": "all-linear", "total_step": 1000}, {"r": "init_r"}),
         "ia3": (IA3Config, {}, {}),  # the architecture's default targets (keys, values, feedforward)
+        "prompt-tuning": (PromptTuningConfig, causal, {}),
+        "p-tuning": (PromptEncoderConfig, causal, {}),
+        "prefix-tuning": (PrefixTuningConfig, causal, {}),
+        "houlsby": (BottleneckConfig, BottleneckConfig.houlsby().to_dict(), {}),
+        "pfeiffer": (BottleneckConfig, BottleneckConfig.pfeiffer().to_dict(), {}),
     }
 
 
 #: Flags -> config fields; a flag given for a method whose config lacks the field is an error.
 _FIELDS = (
-    "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern use_dora"
+    "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern use_dora "
+    "num_virtual_tokens reduction_factor"
 ).split()
 
 
@@ -253,7 +270,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             "method": config.NAME,
             "summary": config.summary().splitlines()[0],
             "config": {k: v for k, v in config.to_dict().items() if v not in (None, [], {}, False)},
-            "target_modules": resolve_target_modules(model, config),
+            "target_modules": resolve_target_modules(model, config) if hasattr(config, "target_modules") else None,
             "modules": len(est.modules),
             "groups": [
                 {"name": n, "kind": kind, "in": k, "out": d, "r": r, "count": c, "params_each": each}
@@ -319,15 +336,17 @@ def print_estimate(res: dict[str, Any]) -> None:
     cfg = lora["config"]
     targets = lora["target_modules"]
     shown = f"{targets!r}" + ("" if "target_modules" in cfg else " (the architecture's default)")
-    print(f"\n{lora['summary']}, target_modules={shown} -> {lora['modules']} modules")
+    where = f", target_modules={shown}" if targets is not None else ""
+    print(f"\n{lora['summary']}{where} -> {lora['modules']} modules")
     ranked = any(g["r"] for g in lora["groups"])
     each = "r(k+d) each" if ranked else "values each"
-    print(
-        f"  {'module':<16} {'kind':<10} {'k (in)':>8} {'d (out)':>8} {'r' if ranked else '':>4} {'count':>6} {each:>13}"
-    )
+    kw = max([10, *(len(g["kind"]) for g in lora["groups"])])
+    rank = "r" if ranked else ""
+    print(f"  {'module':<16} {'kind':<{kw}} {'k (in)':>8} {'d (out)':>8} {rank:>4} {'count':>6} {each:>13}")
     for g in lora["groups"]:
+        k, d = (g["in"], g["out"]) if g["kind"] != "own" else ("-", "-")
         print(
-            f"  {g['name']:<16} {g['kind']:<10} {g['in']:>8} {g['out']:>8} {g['r'] if ranked else '':>4} "
+            f"  {g['name']:<16} {g['kind']:<{kw}} {k:>8} {d:>8} {g['r'] if ranked else '':>4} "
             f"{'x' + str(g['count']):>6} {g['params_each']:>13,}"
         )
     if ranked and any(g["kind"] == "conv" for g in lora["groups"]):
@@ -345,7 +364,8 @@ def print_estimate(res: dict[str, Any]) -> None:
     )
 
     dtype, e = setup["dtype"], {"fp32": 4, "bf16": 2, "fp16": 2}[setup["dtype"]]
-    print(f"\nTraining memory (GiB = 2^30 bytes)   {'full FT':>10} {name:>10} {low_bit:>10}")
+    w = max(10, len(low_bit))
+    print(f"\nTraining memory (GiB = 2^30 bytes)   {'full FT':>10} {name:>{w}} {low_bit:>{w}}")
     rows = [
         ("weights", "weights"),
         ("fp32 master weights", "master_weights"),
@@ -356,7 +376,10 @@ def print_estimate(res: dict[str, Any]) -> None:
         ("= total", "total"),
     ]
     for label, key in rows:
-        print(f"  {label:<34} " + " ".join(f"{_gib(mem[mode][key]):>10}" for mode in ("full", "lora", "qlora")))
+        print(
+            f"  {label:<34} {_gib(mem['full'][key]):>10} "
+            + " ".join(f"{_gib(mem[m][key]):>{w}}" for m in ("lora", "qlora"))
+        )
 
     q = res["qlora"]
     optim = {

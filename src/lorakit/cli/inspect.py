@@ -72,10 +72,10 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
     for key, (shape, _) in shapes.items():
         parts = key.split(".")
         at = next((i for i, part in enumerate(parts) if marker and part.startswith(marker)), None)
-        if not at:  # not one of the method's per-module tensors (a trained head copy, a bias, prompt embeddings)
+        if at is None:  # not one of the method's tensors (a trained head copy, a bias)
             others[key] = shape
             continue
-        name = ".".join(parts[:at]).removeprefix("base_model.model.")
+        name = ".".join(parts[:at]).removeprefix("base_model.model.") or "(model input)"  # a prompt: no module
         entry = modules.setdefault(name, {"params": 0, "rank": None})
         entry["params"] += int(torch.Size(shape).numel())
         rank = config.rank_of(parts[at], shape)
@@ -135,12 +135,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"adapter      {info['folder']}")
     print(f"type         {info['peft_type']} ({info['task_type']})   base model: {info['base_model']}")
     print(f"method       {info['summary']}")
-    if info["modules_adapted"]:
-        print(f"targets      {info['target_modules']}  -> {info['modules_adapted']} modules")
-    for name, t in info["by_module"].items():
+    in_model = [name for name in info["by_module"] if name != "(model input)"]  # a prompt is before the model
+    if in_model:
+        targets = info["target_modules"] if info["target_modules"] is not None else "(placed by the method)"
+        print(f"targets      {targets}  -> {info['modules_adapted']} modules")
+    for name in in_model:
+        t = info["by_module"][name]
         ranks = f"rank {','.join(map(str, t['ranks']))}   " if t["ranks"] else ""
         print(f"  {name:<24} x{t['count']:<4} {ranks}layers {t['layers']}")
-    parts = [f"{info['adapter_parameters']:,} in the adapter's per-module tensors"] if info["modules_adapted"] else []
+    parts = [f"{info['adapter_parameters']:,} in the adapter's tensors"] if info["modules_adapted"] else []
     if info["other_tensors"]:
         shown = ", ".join(list(info["other_tensors"])[:3]) + (", ..." if len(info["other_tensors"]) > 3 else "")
         parts.append(f"{info['other_parameters']:,} in {len(info['other_tensors'])} other tensors ({shown})")

@@ -96,6 +96,26 @@ def add_parser(sub: Any) -> None:
     g.add_argument(
         "--no-double-quant", dest="double_quant", action="store_false", default=S, help="4-bit without double quant"
     )
+    g.add_argument(
+        "--virtual-tokens",
+        dest="num_virtual_tokens",
+        type=int,
+        default=S,
+        help="prompt, prefix and P-tuning: virtual tokens (20)",
+    )
+    g.add_argument(
+        "--prompt-init-text",
+        dest="prompt_init_text",
+        default=S,
+        help="prompt tuning: start from this text's token embeddings (default: embeddings of sampled vocabulary)",
+    )
+    g.add_argument(
+        "--reduction-factor",
+        dest="reduction_factor",
+        type=int,
+        default=S,
+        help="bottleneck adapters: hidden size / bottleneck size (16)",
+    )
     g.add_argument("--init-r", dest="init_r", type=int, default=S, help="AdaLoRA: starting rank (1.5 x r)")
     g.add_argument("--tinit", type=int, default=S, help="AdaLoRA: warm-up steps before cutting ranks (10%% of the run)")
     g.add_argument("--tfinal", type=int, default=S, help="AdaLoRA: final steps at the kept ranks (20%% of the run)")

@@ -53,6 +53,9 @@ class TrainConfig:
     tinit: int | None = None  #: AdaLoRA: warm-up steps before ranks are cut (default 10% of the run)
     tfinal: int | None = None  #: AdaLoRA: steps at the end with the final ranks (default 20% of the run)
     orth_reg_weight: float = 0.5  #: AdaLoRA: weight of the orthogonality penalty in the loss
+    num_virtual_tokens: int = 20  #: prompt, prefix and P-tuning: virtual tokens the adapter adds
+    prompt_init_text: str | None = None  #: prompt tuning: start from this text's token embeddings (else sampled vocab)
+    reduction_factor: int = 16  #: bottleneck adapters (houlsby, pfeiffer): hidden size / bottleneck size
     loftq: bool = False  #: LoftQ start (arXiv 2310.08659, one iteration): Q + s·BA ≈ W instead of Q + 0
     gradient_checkpointing: bool = False  #: recompute activations in backward: less memory, ~30% more time
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -124,6 +127,14 @@ class TrainConfig:
         if self.init_r is not None and self.init_r < self.r:
             raise ConfigError(f"init_r={self.init_r} < r={self.r}: AdaLoRA starts at init_r and lowers the rank to r")
         positive("orth_reg_weight", self.orth_reg_weight, allow_zero=True)
+        for name in ("num_virtual_tokens", "reduction_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.prompt_init_text is not None and (
+            not isinstance(self.prompt_init_text, str) or not self.prompt_init_text
+        ):
+            raise ConfigError(f"prompt_init_text must be a non-empty string, got {self.prompt_init_text!r}")
         if self.method != "adalora" and (self.init_r, self.tinit, self.tfinal) != (None, None, None):
             raise ConfigError("init_r, tinit and tfinal are AdaLoRA settings; add --method adalora")
         if self.bits is not None and self.method == "full":

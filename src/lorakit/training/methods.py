@@ -14,8 +14,12 @@ from typing import TYPE_CHECKING, Any
 from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import ConfigError
 from lorakit.tuners.adalora import AdaLoraConfig
+from lorakit.tuners.bottleneck import BottleneckConfig
 from lorakit.tuners.ia3 import IA3Config
 from lorakit.tuners.lora import LoraConfig
+from lorakit.tuners.p_tuning import PromptEncoderConfig
+from lorakit.tuners.prefix_tuning import PrefixTuningConfig
+from lorakit.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 
 if TYPE_CHECKING:
     from lorakit.training.config import TrainConfig
@@ -89,6 +93,62 @@ def ia3_config(cfg: TrainConfig, model: Any, total_steps: int = 0) -> IA3Config:
     return IA3Config(target_modules=targets, feedforward_modules=chosen, task_type=TaskType.CAUSAL_LM)
 
 
+def _no_targets(cfg: TrainConfig, method: str, where: str) -> None:
+    from lorakit.training.config import DEFAULT_TARGETS
+
+    if cfg.target_modules != list(DEFAULT_TARGETS):
+        raise ConfigError(f"--targets does not apply to --method {method}: {where}; drop --targets")
+
+
+def _fixed_sites(cfg: TrainConfig, method: str) -> None:
+    _no_targets(cfg, method, "bottleneck adapters sit after blocks' outputs, at places known per architecture")
+
+
+def prompt_tuning_config(cfg: TrainConfig, model: Any, total_steps: int = 0) -> PromptTuningConfig:
+    """Prompt tuning (Lester et al. 2021, arXiv 2104.08691): ``num_virtual_tokens`` trained input embeddings,
+    started from ``prompt_init_text``'s token embeddings, else from sampled vocabulary embeddings (§3.2: both
+    beat a random start)."""
+    _no_targets(cfg, "prompt-tuning", "the adapter is virtual tokens before the input, not a module change")
+    text = cfg.prompt_init_text
+    return PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.SAMPLE_VOCAB,
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=getattr(model, "name_or_path", None) if text else None,
+    )
+
+
+def p_tuning_config(cfg: TrainConfig, model: Any, total_steps: int = 0) -> PromptEncoderConfig:
+    """P-tuning (Liu et al. 2021, arXiv 2103.10385): virtual tokens computed by an MLP prompt encoder."""
+    _no_targets(cfg, "p-tuning", "the adapter is virtual tokens before the input, not a module change")
+    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+def prefix_tuning_config(cfg: TrainConfig, model: Any, total_steps: int = 0) -> PrefixTuningConfig:
+    """Prefix tuning (Li & Liang 2021, arXiv 2101.00190): trained keys and values before every layer's own."""
+    _no_targets(cfg, "prefix-tuning", "the adapter is keys and values prepended in every attention layer")
+    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+def houlsby_config(cfg: TrainConfig, model: Any, total_steps: int = 0) -> BottleneckConfig:
+    """Houlsby et al. 2019 (arXiv 1902.00751): a bottleneck adapter after the attention and the feed-forward
+    outputs of every block, bottleneck = hidden / ``reduction_factor``."""
+    _fixed_sites(cfg, "houlsby")
+    return BottleneckConfig.houlsby(reduction_factor=cfg.reduction_factor, task_type=TaskType.CAUSAL_LM)
+
+
+def pfeiffer_config(cfg: TrainConfig, model: Any, total_steps: int = 0) -> BottleneckConfig:
+    """Pfeiffer et al. 2020 (arXiv 2005.00247): one bottleneck adapter after each block's feed-forward output."""
+    _fixed_sites(cfg, "pfeiffer")
+    return BottleneckConfig.pfeiffer(reduction_factor=cfg.reduction_factor, task_type=TaskType.CAUSAL_LM)
+
+
+def _describe_prompt_tuning(cfg: TrainConfig, config: PeftConfig) -> str:
+    start = f"from the text {cfg.prompt_init_text!r}" if cfg.prompt_init_text else "from sampled vocabulary"
+    return f"prompt tuning, {cfg.num_virtual_tokens} virtual tokens ({start})"
+
+
 def _describe_lora(cfg: TrainConfig, config: PeftConfig) -> str:
     return f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.lora_alpha:g}"
 
@@ -129,6 +189,43 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
             lambda cfg, config: "IA³ (learned vectors)",
             "ia3 (learned vectors on keys, values and the MLP's down projection unless --targets; raise --lr, "
             "e.g. 3e-3)",
+        ),
+        TrainMethod(
+            "prompt-tuning",
+            "prompt tuning",
+            prompt_tuning_config,
+            _describe_prompt_tuning,
+            "prompt-tuning (--virtual-tokens trained input embeddings; --prompt-init-text; raise --lr, e.g. 3e-2)",
+        ),
+        TrainMethod(
+            "p-tuning",
+            "P-tuning",
+            p_tuning_config,
+            lambda cfg, config: f"P-tuning, {cfg.num_virtual_tokens} virtual tokens from an MLP prompt encoder",
+            "p-tuning (--virtual-tokens from an MLP prompt encoder)",
+            no_resume="PEFT's P-tuning file holds the encoder's output, not the encoder, so training cannot continue "
+            "from it",
+        ),
+        TrainMethod(
+            "prefix-tuning",
+            "prefix tuning",
+            prefix_tuning_config,
+            lambda cfg, config: f"prefix tuning, {cfg.num_virtual_tokens} virtual keys and values per layer",
+            "prefix-tuning (--virtual-tokens keys and values in every attention layer)",
+        ),
+        TrainMethod(
+            "houlsby",
+            "bottleneck adapters (Houlsby)",
+            houlsby_config,
+            lambda cfg, config: f"Houlsby bottleneck adapters, reduction factor {cfg.reduction_factor}",
+            "houlsby (bottleneck adapters after attention and MLP, --reduction-factor)",
+        ),
+        TrainMethod(
+            "pfeiffer",
+            "bottleneck adapters (Pfeiffer)",
+            pfeiffer_config,
+            lambda cfg, config: f"Pfeiffer bottleneck adapters, reduction factor {cfg.reduction_factor}",
+            "pfeiffer (a bottleneck adapter after each MLP, --reduction-factor)",
         ),
     )
 }

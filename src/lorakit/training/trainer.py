@@ -57,7 +57,8 @@ from lorakit.tuners.lora import LoraConfig
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
     "model", "method", "data", "r", "lora_alpha", "lora_dropout", "use_dora", "bits", "quant_type", "double_quant",
-    "loftq", "init_r", "tinit", "tfinal", "orth_reg_weight", "target_modules", "learning_rate", "weight_decay",
+    "loftq", "init_r", "tinit", "tfinal", "orth_reg_weight", "num_virtual_tokens", "prompt_init_text",
+    "reduction_factor", "target_modules", "learning_rate", "weight_decay",
     "optim", "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm",
     "total_steps",
 ]  # fmt: skip
@@ -306,7 +307,8 @@ class Trainer:
             keep[:, :-1] = targets != -100
             logits = net(**inputs, logits_to_keep=keep).logits  # (K, V), K = supervised positions
             return F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum")
-        logits = net(**inputs).logits  # (B, T, V)
+        logits = net(**inputs).logits  # (B, T, V); (B, P + T, V) when a prompt method puts P virtual tokens first
+        logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :]
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
         )

@@ -46,19 +46,24 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-class BaseTuner(nn.Module):
-    """The model with adapter layers injected; ``self.model`` is the original model object, modified in place.
+class Tuner(nn.Module):
+    """What :class:`~lorakit.PeftModel` and :mod:`lorakit.persistence` hold as ``base_model``: the original model
+    (``self.model``) plus one method's adapters, whatever way the method enters the model.
+
+    Two engines implement it: :class:`BaseTuner` (adapter layers injected into the model's modules) and
+    :class:`~lorakit.tuners.prompt_learning.model.PromptLearningModel` (prompts given to the model's inputs).
+    Both answer ``inject``, ``set_adapter``, ``active_adapters``, ``adapters_disabled``, ``remove_adapter_layers``,
+    ``merge``/``unmerge``/``unload``, ``rows_routed``, ``file_config``/``after_save`` and ``forward``/``generate``.
 
     Args:
         model: any ``nn.Module`` (usually a transformers ``PreTrainedModel``).
         peft_config: adapter name -> config, shared with the owning :class:`~lorakit.PeftModel`.
-        adapter_name: the first adapter, injected now and made active.
+        adapter_name: the first adapter, added now and made active.
+        autocast_adapter_dtype: keep adapters in fp32 on a 16-bit base (as PEFT does).
     """
 
     #: The method's config class (a second method's config cannot join this model).
     config_class: ClassVar[type[PeftConfig]]
-    #: The method's layer type: the adapter layers that hold weights of their own (merge, mixed batches).
-    layer_type: ClassVar[type[AdapterLayer]]
 
     def __init__(
         self,
@@ -71,16 +76,13 @@ class BaseTuner(nn.Module):
         self.model = model
         self.peft_config = peft_config
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        self._active = ActiveAdapters([adapter_name])  # read by every adapter layer (see set_adapter)
-        if any(isinstance(m, AdapterLayer) for m in model.modules()):
-            warnings.warn(
-                "this model already holds lorakit adapter layers (get_peft_model was called on it before); "
-                "the new adapter shares the base model with the earlier one. To keep several adapters on one "
-                "base, prefer peft_model.add_adapter(name, config) and set_adapter(name).",
-                stacklevel=3,
-            )
+        self._active = ActiveAdapters([adapter_name])  # read by every adapter layer and module copy
+        self._setup()
         self.inject(adapter_name, peft_config[adapter_name])
         self.set_adapter(adapter_name)
+
+    def _setup(self) -> None:
+        """Make what the engine holds besides the model, before the first adapter is added."""
 
     def __getattr__(self, name: str):
         # Reached only when normal lookup fails: answer with the wrapped model's attribute (config, generate, ...).
@@ -90,6 +92,91 @@ class BaseTuner(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    # -- modules_to_save: whole-module copies, the same for every method -------------------------------
+
+    def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
+        """Give ``adapter_name`` its own trainable copy of every module ``config.modules_to_save`` names.
+
+        Raises:
+            ConfigError: an entry names a container (``ModuleDict``, ``ModuleList``, ``ParameterDict``,
+                ``ParameterList``: no forward of its own to run a copy of, as PEFT refuses too), or matches no
+                module. Raised before any module is wrapped.
+        """
+        if not config.modules_to_save:
+            return
+        targets = [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if name and is_module_to_save(name, config.modules_to_save)
+        ]
+        for name, module in targets:  # containers run nothing themselves: a copy could not stand in (PEFT agrees)
+            if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+                entry = next(m for m in config.modules_to_save if name.endswith(m))
+                child = next((n for n, _ in module.named_children()), "0")
+                inside = (
+                    f"the modules inside it (e.g. {name.rsplit('.', 1)[-1]}.{child})"
+                    if isinstance(module, (nn.ModuleDict, nn.ModuleList))
+                    else "the module that uses its parameters"
+                )
+                raise ConfigError(
+                    f"modules_to_save entry {entry!r} names {name!r}, a torch.nn.{type(module).__name__}: a container "
+                    f"with no forward of its own, whose copy could not run in its place. Name modules that run "
+                    f"instead: {inside}, or a head such as 'lm_head' or 'classifier'"
+                )
+        matched: set[str] = set()
+        for name, module in targets:
+            matched.update(m for m in config.modules_to_save if name.endswith(m))
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name)
+            elif isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
+                continue
+            elif self._inside_adapter_layer(name):
+                continue
+            else:
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper.add(adapter_name)
+                wrapper.follow(self._active)
+                parent, child = _parent(self.model, name)
+                setattr(parent, child, wrapper)
+        task_heads = TASK_HEADS.get(config.task_type, [])
+        unmatched = [m for m in config.modules_to_save if m not in matched and m not in task_heads]
+        if unmatched:
+            raise ConfigError(
+                f"modules_to_save entry {unmatched[0]!r} matched no module; give the names (or name endings) of "
+                "modules to train in full, e.g. ['classifier'] or ['lm_head']"
+                + suggest(unmatched[0], {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules() if n})
+            )
+
+    def _inside_adapter_layer(self, name: str) -> bool:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if isinstance(self.model.get_submodule(".".join(parts[:i])), AdapterLayer):
+                return True
+        return False
+
+    def inject(self, adapter_name: str, config: PeftConfig) -> None:
+        raise NotImplementedError
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        raise NotImplementedError
+
+
+class BaseTuner(Tuner):
+    """The model with adapter layers injected; ``self.model`` is the original model object, modified in place.
+    Arguments as :class:`Tuner`'s."""
+
+    #: The method's layer type: the adapter layers that hold weights of their own (merge, mixed batches).
+    layer_type: ClassVar[type[AdapterLayer]]
+
+    def _setup(self) -> None:
+        if any(isinstance(m, AdapterLayer) for m in self.model.modules()):
+            warnings.warn(
+                "this model already holds lorakit adapter layers (get_peft_model was called on it before); "
+                "the new adapter shares the base model with the earlier one. To keep several adapters on one "
+                "base, prefer peft_model.add_adapter(name, config) and set_adapter(name).",
+                stacklevel=4,
+            )
 
     # -- adapter layers -------------------------------------------------------------------------------
 
@@ -149,7 +236,7 @@ class BaseTuner(nn.Module):
                     f"adapter {adapter_name!r} has bias={bias!r} but adapter {others[0]!r} already trains "
                     "biases; only one adapter per model may, so use bias='none' for this one"
                 )
-        plans = [self._plan(name, adapter_name) for name in select_targets(self.model, config)]
+        plans = [self._plan(name, adapter_name) for name in self._targets(config)]
         undo = self._before_inject(plans, config)
         try:
             for plan in plans:
@@ -163,6 +250,11 @@ class BaseTuner(nn.Module):
         self._freeze_all()
         guard_model_repacking(self.model)
         self.set_adapter([a for a in self.active_adapters if a in self.peft_config])
+
+    def _targets(self, config: PeftConfig) -> list[str]:
+        """Names of the modules ``config`` adapts: those its ``target_modules`` select (a method whose layers sit
+        elsewhere, such as bottleneck adapters after each block's sub-blocks, says where instead)."""
+        return select_targets(self.model, config)
 
     def _plan(self, name: str, adapter_name: str) -> tuple[str, nn.Module, Any]:
         """``(name, module, kind)`` for a targeted module, checked before anything changes.
@@ -235,66 +327,6 @@ class BaseTuner(nn.Module):
     def _freeze_all(self) -> None:
         for param in self.model.parameters():
             param.requires_grad_(False)
-
-    def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
-        """Give ``adapter_name`` its own trainable copy of every module ``config.modules_to_save`` names.
-
-        Raises:
-            ConfigError: an entry names a container (``ModuleDict``, ``ModuleList``, ``ParameterDict``,
-                ``ParameterList``: no forward of its own to run a copy of, as PEFT refuses too), or matches no
-                module. Raised before any module is wrapped.
-        """
-        if not config.modules_to_save:
-            return
-        targets = [
-            (name, module)
-            for name, module in self.model.named_modules()
-            if name and is_module_to_save(name, config.modules_to_save)
-        ]
-        for name, module in targets:  # containers run nothing themselves: a copy could not stand in (PEFT agrees)
-            if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
-                entry = next(m for m in config.modules_to_save if name.endswith(m))
-                child = next((n for n, _ in module.named_children()), "0")
-                inside = (
-                    f"the modules inside it (e.g. {name.rsplit('.', 1)[-1]}.{child})"
-                    if isinstance(module, (nn.ModuleDict, nn.ModuleList))
-                    else "the module that uses its parameters"
-                )
-                raise ConfigError(
-                    f"modules_to_save entry {entry!r} names {name!r}, a torch.nn.{type(module).__name__}: a container "
-                    f"with no forward of its own, whose copy could not run in its place. Name modules that run "
-                    f"instead: {inside}, or a head such as 'lm_head' or 'classifier'"
-                )
-        matched: set[str] = set()
-        for name, module in targets:
-            matched.update(m for m in config.modules_to_save if name.endswith(m))
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add(adapter_name)
-            elif isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
-                continue
-            elif self._inside_adapter_layer(name):
-                continue
-            else:
-                wrapper = ModulesToSaveWrapper(module)
-                wrapper.add(adapter_name)
-                wrapper.follow(self._active)
-                parent, child = _parent(self.model, name)
-                setattr(parent, child, wrapper)
-        task_heads = TASK_HEADS.get(config.task_type, [])
-        unmatched = [m for m in config.modules_to_save if m not in matched and m not in task_heads]
-        if unmatched:
-            raise ConfigError(
-                f"modules_to_save entry {unmatched[0]!r} matched no module; give the names (or name endings) of "
-                "modules to train in full, e.g. ['classifier'] or ['lm_head']"
-                + suggest(unmatched[0], {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules() if n})
-            )
-
-    def _inside_adapter_layer(self, name: str) -> bool:
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            if isinstance(self.model.get_submodule(".".join(parts[:i])), AdapterLayer):
-                return True
-        return False
 
     def remove_adapter_layers(self, adapter_name: str) -> None:
         """Delete ``adapter_name`` from every layer; layers left with no adapter give back their original."""
