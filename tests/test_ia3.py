@@ -108,6 +108,59 @@ def test_same_trainable_parameters_as_peft(arch, capsys):
     assert capsys.readouterr().out == expected
 
 
+def grads(model: nn.Module, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of a loss on the logits (the models stay in eval mode: no dropout)."""
+    model.zero_grad(set_to_none=True)
+    model(input_ids=input_ids() if ids is None else ids).logits.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradients_equal_peft(arch):
+    p, k = build(arch, config(arch))
+    theirs, ours = grads(p), grads(k)
+    assert set(ours) == set(theirs) and any("ia3_l" in n for n in ours)
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradients_of_two_active_adapters_equal_peft():
+    p, k = build("llama", config("llama"), extra=config("llama", **OTHER["llama"]))
+    p.base_model.set_adapter(["default", "other"])
+    k.base_model.set_adapter(["default", "other"])
+    theirs, ours = grads(p), grads(k)
+    assert set(ours) == set(theirs) and any("ia3_l.other" in n for n in ours)
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_float32_vectors_on_a_bfloat16_model_compute_as_peft():
+    cfg = config("llama")
+    p = peft.get_peft_model(tiny_llama().to(torch.bfloat16), peft.IA3Config(**copy.deepcopy(cfg)))
+    k = lorakit.get_peft_model(tiny_llama().to(torch.bfloat16), lorakit.IA3Config(**copy.deepcopy(cfg)))
+    for model in (p, k):  # the vectors in float32, the activations in bfloat16: products cast back
+        for layer in model.modules():
+            if hasattr(layer, "ia3_l"):
+                for name in list(layer.ia3_l):
+                    layer.ia3_l[name] = nn.Parameter(layer.ia3_l[name].detach().float())
+    k.load_state_dict(p.state_dict())
+    out = logits(k)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, logits(p), rtol=0, atol=0)
+
+
+def test_unmerge_then_forward_applies_the_adapter_again():
+    _, k = build("llama", config("llama"), extra=config("llama", **OTHER["llama"]))
+    k.base_model.set_adapter(["default", "other"])
+    expected = logits(k)
+    k.merge_adapter(["other"])
+    torch.testing.assert_close(logits(k), expected, rtol=1e-5, atol=1e-6)
+    k.unmerge_adapter()
+    torch.testing.assert_close(logits(k), expected, rtol=1e-5, atol=1e-6)
+    k.base_model.set_adapter(["default"])
+    assert not torch.allclose(logits(k), expected)
+
+
 # -- files both ways ------------------------------------------------------------------------------------
 
 

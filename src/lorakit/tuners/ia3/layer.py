@@ -224,16 +224,24 @@ class IA3Layer(WeightLayer):
 
     # -- forward --------------------------------------------------------------------------------------
 
-    def _scale(self, adapters: list[str], feedforward: bool) -> torch.Tensor | None:
-        """The product of these adapters' vectors on one side (input or output), shaped for activations."""
-        scale = None
-        for adapter in adapters:
-            if self.feedforward[adapter] == feedforward:
-                vector = self.ia3_l[adapter]
-                scale = vector if scale is None else scale * vector
-        if scale is None or self._channels_first:
-            return scale  # a convolution's (1, C, 1, …) broadcasts against (N, C, …) as it is
-        return scale.flatten()
+    def _scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The products of the active, unmerged adapters' vectors on the input side and on the output side, shaped
+        for activations (a convolution's ``(1, C, 1, …)`` as it is, a linear layer's flattened); None for a side
+        that no such adapter scales. One pass over the active list, as few tensor ops as the vectors allow."""
+        before = after = None
+        merged = self.merged_adapters
+        for adapter in self.active_adapters:
+            if merged and adapter in merged:
+                continue
+            vector = self.ia3_l[adapter]
+            if self.feedforward[adapter]:
+                before = vector if before is None else before * vector
+            else:
+                after = vector if after is None else after * vector
+        if not self._channels_first:
+            before = None if before is None else before.flatten()
+            after = None if after is None else after.flatten()
+        return before, after
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -243,15 +251,11 @@ class IA3Layer(WeightLayer):
             routing = routes.get(self)
             if routing is not None:
                 return self._routed_forward(x, routing, *args, **kwargs)
-        pending = [a for a in self.active_adapters if a not in self.merged_adapters]
-        before = self._scale(pending, feedforward=True)
+        before, after = self._scales()
         if before is not None:
-            x = (x * before).to(x.dtype)
+            x = _scaled(x, before)
         result = self.base_layer(x, *args, **kwargs)
-        after = self._scale(pending, feedforward=False)
-        if after is not None:
-            result = (result * after).to(result.dtype)
-        return result
+        return result if after is None else _scaled(result, after)
 
     def _routed_forward(self, x: torch.Tensor, routing: RowRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row i of ``x`` through adapter ``routing.rows(batch)[i]`` (``"__base__"``: none): one vector per row."""
@@ -284,3 +288,10 @@ class IA3Layer(WeightLayer):
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{a}: {'input' if ff else 'output'}" for a, ff in self.feedforward.items())
         return f"kind={self.kind.name}, adapters=({adapters}), merged={self.merged_adapters}"
+
+
+def _scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t * scale`` in ``t``'s dtype: the product in the promoted dtype, cast back only if it differs (PEFT's
+    ``(t * scale).to(t.dtype)`` without the call when the dtypes already agree)."""
+    out = t * scale
+    return out if out.dtype == t.dtype else out.to(t.dtype)
