@@ -11,6 +11,7 @@ an injection fails (:meth:`BaseTuner._before_inject`). Every method finds loraki
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -327,6 +328,27 @@ class BaseTuner(Tuner):
     def _freeze_all(self) -> None:
         for param in self.model.parameters():
             param.requires_grad_(False)
+
+    def _check_weighted_sources(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """``add_weighted_adapter``'s checks every method shares: a new name, known sources, one finite weight each.
+
+        Raises:
+            AdapterExistsError, AdapterNotFoundError, ConfigError: naming the offending argument.
+        """
+        configs = self.peft_config
+        if adapter_name in configs:
+            raise AdapterExistsError(f"adapter {adapter_name!r} already exists; pick a new name for the combination")
+        if not adapters or isinstance(adapters, str):
+            raise ConfigError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        for name in adapters:
+            if name not in configs:
+                raise AdapterNotFoundError(
+                    f"unknown adapter {name!r}; this model holds {sorted(configs)}" + suggest(name, configs)
+                )
+        if len(weights) != len(adapters) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise ConfigError(f"weights must be {len(adapters)} finite numbers (one per adapter), got {weights!r}")
 
     def remove_adapter_layers(self, adapter_name: str) -> None:
         """Delete ``adapter_name`` from every layer; layers left with no adapter give back their original."""

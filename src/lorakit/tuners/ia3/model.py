@@ -7,7 +7,6 @@ batches that mix adapters) is the shared engine, :class:`~lorakit.tuners.base.Ba
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +15,9 @@ from torch import nn
 
 from lorakit.config import register_method
 from lorakit.errors import (
-    AdapterExistsError,
-    AdapterNotFoundError,
     ConfigError,
     MergeError,
     UnsupportedModuleError,
-    suggest,
 )
 from lorakit.layers.kinds import EmbeddingKind, HFConv1DKind
 from lorakit.targeting import matches_selector, resolve_target_modules
@@ -129,20 +125,8 @@ class IA3Model(BaseTuner):
         self.set_adapter(self.active_adapters)  # the new adapter stays frozen and inactive
 
     def _check_weighted(self, adapters: list[str], weights: list[float], adapter_name: str) -> tuple[Any, Any]:
+        self._check_weighted_sources(adapters, weights, adapter_name)
         configs = self.peft_config
-        if adapter_name in configs:
-            raise AdapterExistsError(f"adapter {adapter_name!r} already exists; pick a new name for the combination")
-        if not adapters or isinstance(adapters, str):
-            raise ConfigError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
-        for name in adapters:
-            if name not in configs:
-                raise AdapterNotFoundError(
-                    f"unknown adapter {name!r}; this model holds {sorted(configs)}" + suggest(name, configs)
-                )
-        if len(weights) != len(adapters) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-        ):
-            raise ConfigError(f"weights must be {len(adapters)} finite numbers (one per adapter), got {weights!r}")
         saving = [a for a in adapters if configs[a].modules_to_save]
         if len(saving) > 1:
             raise ConfigError(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError, suggest
+from lorakit.errors import ConfigError, MergeError
 from lorakit.tuners.lora.layer import LoraLayer
 
 if TYPE_CHECKING:
@@ -150,20 +150,8 @@ def _check(
     svd_rank: int | None,
     density: float | None,
 ) -> tuple[str, int]:
+    lora_model._check_weighted_sources(adapters, weights, adapter_name)
     configs = lora_model.peft_config
-    if adapter_name in configs:
-        raise AdapterExistsError(f"adapter {adapter_name!r} already exists; pick a new name for the combination")
-    if not adapters or isinstance(adapters, str):
-        raise ConfigError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
-    for name in adapters:
-        if name not in configs:
-            raise AdapterNotFoundError(
-                f"unknown adapter {name!r}; this model holds {sorted(configs)}" + suggest(name, configs)
-            )
-    if len(weights) != len(adapters) or not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-    ):
-        raise ConfigError(f"weights must be {len(adapters)} finite numbers (one per adapter), got {weights!r}")
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r} is not known; accepted: {', '.join(COMBINATIONS)}")
     method = combination_type.removesuffix("_svd") if combination_type != "svd" else "linear"
