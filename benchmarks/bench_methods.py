@@ -85,6 +85,17 @@ class Method:
     copy: Callable[[Any, Any], None] | None = None
 
 
+def copy_prompt_encoder(lk: torch.nn.Module, pf: torch.nn.Module) -> None:
+    """Give lorakit PEFT's prompt encoder (P-tuning's file holds the encoder's output, not its weights): the
+    parameters below ``prompt_encoder.<adapter>.`` are named alike in both libraries."""
+    theirs = {n.split("prompt_encoder.", 1)[1]: t for n, t in pf.named_parameters() if "prompt_encoder." in n}
+    ours = dict(lk.base_model.prompt_encoder.named_parameters())
+    if set(ours) != set(theirs):
+        raise SystemExit(f"prompt encoders differ: {sorted(set(ours) ^ set(theirs))[:4]}")
+    for name, tensor in theirs.items():
+        ours[name].copy_(tensor)
+
+
 METHODS: dict[str, Method] = {
     "lora": Method(
         "LoRA r=8",
@@ -107,6 +118,27 @@ METHODS: dict[str, Method] = {
         lambda lib: lib.IA3Config(task_type="CAUSAL_LM"),
         goal=0.9,
     ),
+    "prompt-tuning": Method(
+        "prompt tuning, 20 tokens",
+        {"method": "prompt-tuning", "learning_rate": 3e-2},
+        lambda lib: lib.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+        copy=copy_prompt_encoder,
+    ),
+    "p-tuning": Method(
+        "P-tuning, 20 tokens (MLP)",
+        {"method": "p-tuning", "learning_rate": 1e-2},
+        lambda lib: lib.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+        copy=copy_prompt_encoder,
+    ),
+    "prefix-tuning": Method(
+        "prefix tuning, 20 tokens",
+        {"method": "prefix-tuning", "learning_rate": 1e-2},
+        lambda lib: lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+        goal=0.9,
+        copy=copy_prompt_encoder,
+    ),
+    "houlsby": Method("Houlsby bottleneck, reduction 16", {"method": "houlsby", "learning_rate": 1e-3}),
+    "pfeiffer": Method("Pfeiffer bottleneck, reduction 16", {"method": "pfeiffer", "learning_rate": 1e-3}),
 }
 
 PERTURB = 0.02  # part 2: every trainable tensor of the PEFT adapter moves by PERTURB·N(0, 1) before the copy
@@ -299,7 +331,8 @@ def run_vs_peft(args: argparse.Namespace, keys: list[str], max_rejects: int) -> 
             fn()
         logits_diff = (outs["lorakit"] - outs["peft"]).abs().max().item()
         logits_rel = logits_diff / outs["peft"].abs().max().item()
-        logits_change = (outs["lorakit"] - outs["base"]).abs().max().item()
+        adapted = outs["lorakit"][:, -outs["base"].shape[1] :]  # a prompt method's virtual positions come first
+        logits_change = (adapted - outs["base"]).abs().max().item()
         print(
             f"    max |logits lorakit - PEFT| {logits_diff:.2e} ({logits_rel:.1e} of max |logits|; the adapter moves "
             f"them by up to {logits_change:.2e})"
@@ -354,6 +387,11 @@ def _mib(x: float | None) -> str:
     return "–" if x is None else f"{x:,.0f} MiB"
 
 
+def _lr(x: float) -> str:
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def report(result: dict[str, Any]) -> None:
     quality = result.get("quality")
     if quality:
@@ -374,15 +412,22 @@ def report(result: dict[str, Any]) -> None:
             f"| frozen base (floor) | – | – | – | 1.00 | – | {_mib(floor_mem.get('step_peak_mib'))} / "
             f"{_mib(floor_mem.get('profiler_step_peak_mib'))} | – |"
         )
+        loud = []
         for key, r in quality["runs"].items():
             mem = quality["memory"].get(key, {})
             step = quality["task_step_ratios"][f"{key}/floor"]["paired"]
+            share = r["foreign_cpu_share_during_run"]
+            mark = "*" * (len(loud) + 1) if share > cfg["max_foreign"] else ""
+            if mark:
+                loud.append(f"{mark} other processes took {share:.0%} of the CPUs during {r['label']}'s run")
             print(
-                f"| {r['label']} | {r['learning_rate']:g} | {r['trainable_parameters']:,} | "
+                f"| {r['label']} | {_lr(r['learning_rate'])} | {r['trainable_parameters']:,} | "
                 f"{r['correct_before']}/{r['total_before']} → **{r['correct']}/{r['total']}** | {step:.2f} | "
-                f"{r['step_s_in_run']:.2f} | {_mib(mem.get('step_peak_mib'))} / "
+                f"{r['step_s_in_run']:.2f}{mark} | {_mib(mem.get('step_peak_mib'))} / "
                 f"{_mib(mem.get('profiler_step_peak_mib'))} | {r['file_bytes'] / 1e6:.2f} MB |"
             )
+        for line in loud:
+            print(f"\n{line}")
         noise = quality["task_step_noise"]
         print(
             f"\n(task step: {len(noise['rejected'])} repeats redone for other processes' load, "

@@ -77,3 +77,25 @@ def one_thread_per_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Counting:
+    """A ``torch.compile`` backend that counts the graphs it is asked to compile, then runs them as they are."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and global counters emptied before and after the test."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()  # global across tests; reset() leaves it
+    yield
+    torch._dynamo.reset()

@@ -15,6 +15,7 @@ RANK = {
     "lorakit.errors": 0,
     "lorakit.cpu_blas": 0,
     "lorakit.io": 1,
+    "lorakit.push": 1,  # uploads a folder that a callback (save_pretrained) writes
     "lorakit.config": 2,
     "lorakit.tuners": 2,  # the methods' rooms: configs at rank 2, layers at 3, tuners (model, combine) at 5
     "lorakit.tuners.lora.layer": 3,
@@ -37,6 +38,7 @@ RANK = {
     "lorakit.targeting": 4,
     "lorakit.kbit": 4,
     "lorakit.tuners.base": 5,
+    "lorakit.tuners.modules_to_save": 5,  # whole-module copies, for both engines (Tuner)
     "lorakit.tuners.lora.model": 5,
     "lorakit.tuners.adalora.model": 5,
     "lorakit.tuners.ia3.model": 5,
@@ -49,11 +51,18 @@ RANK = {
     "lorakit.tuners.bottleneck.model": 5,
     "lorakit.tuners.lora.combine": 5,
     "lorakit.persistence": 6,
+    "lorakit.forward_signature": 6,  # what inspect.signature(model.forward) reports (model.py, tasks.py)
+    "lorakit.functional": 6,  # PEFT's state-dict and injection functions, over persistence and the tuners
+    "lorakit.status": 6,  # get_layer_status / get_model_status
+    "lorakit.model_card": 6,  # README.md beside the adapter files: reads configs and the adapter's tensors
     "lorakit.model": 7,
     "lorakit.tasks": 7,
     "lorakit.tuners.bottleneck.adapterhub": 7,  # reads the adapters library's folders into a PeftModel
+    "lorakit.tuners.lora.hotswap": 7,  # reads an adapter folder (persistence) into a loaded adapter's tensors
     "lorakit.hub": 8,
+    "lorakit.auto": 8,  # AutoPeftModel*: the base model by its Auto class, then PeftModel.from_pretrained
     "lorakit.estimate": 8,
+    "lorakit.integrations": 8,  # the HF Trainer and TRL with lorakit models: above the model API, below training
     "lorakit.training": 9,
     "lorakit.cli": 10,
     "lorakit": 99,
@@ -107,9 +116,11 @@ def test_imports_flow_one_way():
 
 
 def test_import_lorakit_does_not_load_peft():
-    code = "import sys, lorakit; print('peft' in sys.modules)"
+    # nor the HF Trainer or TRL, which lorakit.integrations imports only when one of its names is asked for
+    heavy = "('peft', 'trl', 'transformers.trainer', 'lorakit.integrations.trainer')"
+    code = f"import sys, lorakit, lorakit.integrations; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.strip() == "[]"
 
 
 def test_files_stay_small():

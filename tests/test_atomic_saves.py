@@ -102,7 +102,7 @@ def test_killed_save_leftovers_are_removed_by_the_next_save(tmp_path):
     assert [p for p in os.listdir(folder) if p.startswith(".")], "the killed save should have left a temporary file"
     assert read_mark(folder) == 1.0
     model.save_pretrained(folder)
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_a_folder_swap_killed_at_any_point_leaves_the_old_or_the_new_folder(tmp_path, monkeypatch):
@@ -281,9 +281,9 @@ def test_saving_in_the_other_format_replaces_the_weights_file(tmp_path):
     folder = tmp_path / "adapter"
     marked_model(1.0).save_pretrained(folder, safe_serialization=False)
     marked_model(2.0).save_pretrained(folder)
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     marked_model(3.0).save_pretrained(folder, safe_serialization=False)
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.bin"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.bin"]
     loaded = PeftModel.from_pretrained(tiny_llama(), folder)
     assert loaded.peft_config["default"].lora_alpha == 3.0
 

@@ -229,7 +229,9 @@ def test_save_and_load_in_lorakit_s_format(arch, tmp_path):
     k.add_adapter("other", BottleneckConfig.pfeiffer(reduction_factor=8))
     randomize(k, seed=9)
     k.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "other"]
+    assert "library_name: lorakit" in (tmp_path / "README.md").read_text()  # PEFT cannot load this method
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "BOTTLENECK" and saved["placement"] == DEFAULT_PLACEMENTS[arch]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))

@@ -57,7 +57,7 @@ def saved(tmp_path, ids):
 
 def test_layout_and_keys(saved):
     path, _ = saved
-    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # + card
     keys = sorted(load_file(path / "adapter_model.safetensors"))
     assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert len(keys) == 2 * 2 * 2
@@ -103,7 +103,8 @@ def test_selected_adapters(tmp_path):
     model = get_peft_model(tiny_llama(), lora())
     model.add_adapter("x", lora())
     model.save_pretrained(tmp_path, selected_adapters=["x"])
-    assert os.listdir(tmp_path) == ["x"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "x"]  # the card stays at the root, as PEFT writes it
+    assert sorted(os.listdir(tmp_path / "x")) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_modules_to_save_and_bias_round_trip(tmp_path):

@@ -6,6 +6,15 @@ Replace ``peft`` with ``lorakit`` in your imports::
 """
 
 from lorakit import cpu_blas
+from lorakit.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from lorakit.config import PeftConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterExistsError,
@@ -18,9 +27,18 @@ from lorakit.errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
+from lorakit.functional import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from lorakit.kbit import prepare_model_for_kbit_training, quantize, replace_lora_weights_loftq
 from lorakit.layers import ModulesToSaveWrapper
 from lorakit.model import PeftModel
+from lorakit.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from lorakit.tasks import (
     MODEL_TYPE_TO_PEFT_MODEL,
     PeftModelForCausalLM,
@@ -40,6 +58,11 @@ from lorakit.tuners.ia3 import IA3Config
 from lorakit.tuners.ia3.model import IA3Model
 from lorakit.tuners.lora import LoraConfig
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
+from lorakit.tuners.lora.hotswap import (
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    prepare_model_for_compiled_hotswap,
+)
 from lorakit.tuners.lora.layer import LoraLayer
 from lorakit.tuners.lora.model import LoraModel
 from lorakit.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -65,6 +88,13 @@ __all__ = [
     "AdapterExistsError",
     "AdapterFileError",
     "AdapterNotFoundError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BottleneckConfig",
     "BottleneckModel",
     "ConfigError",
@@ -100,12 +130,25 @@ __all__ = [
     "ShapeMismatchError",
     "TargetNotFoundError",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "UnsupportedModuleError",
+    "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
+    "inject_adapter_in_model",
     "load_adapters_library",
+    "load_peft_weights",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "quantize",
     "replace_lora_weights_loftq",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
     "lora_delta",
     "lora_scaling",
 ]

@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
-from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.errors import AdapterFileError, ConfigError, suggest
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -242,19 +242,56 @@ class PeftConfig:
             raise AdapterFileError(f"cannot write {CONFIG_NAME} into {os.fspath(save_directory)!r}: {exc}") from exc
 
     @classmethod
-    def from_pretrained(cls: type[C], path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any) -> C:
-        """Read ``adapter_config.json`` from a folder (or the file itself); ``kwargs`` override its fields.
+    def from_pretrained(
+        cls: type[C], pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> C:
+        """Read ``adapter_config.json`` from a folder (or the file itself) or a hub repo.
+
+        Args:
+            pretrained_model_name_or_path: a local folder or file, or a hub repo id (PEFT's name).
+            subfolder: the folder inside it holding the file.
+            kwargs: the hub options ``revision``, ``token``, ``cache_dir``, ``local_files_only`` (passed to
+                ``huggingface_hub`` for a repo id, ignored for a local folder, as in PEFT: so ``revision=`` names
+                the adapter's revision, not the config field; set that on the returned config), and fields of
+                the file's config class, which override the file's values. Any other name is refused.
 
         Raises:
-            AdapterFileError: the file is missing or is not valid JSON.
-            ConfigError: see :meth:`from_dict`.
+            AdapterFileError: the file is missing (locally or on the hub) or is not valid JSON.
+            ConfigError: an unknown keyword argument; see also :meth:`from_dict`.
         """
-        from lorakit.io import resolve_adapter_file
+        from lorakit.io import HUB_OPTIONS, hub_options, resolve_adapter_file
 
-        file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder)
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in HUB_OPTIONS}
+        hub = hub_options(kwargs, f"{cls.__name__}.from_pretrained")
+        file = resolve_adapter_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, hub=hub)
         data = read_json(file)
-        data.update(kwargs)
+        kind = data.get("peft_type") or cls.PEFT_TYPE
+        method = _METHODS.get(kind) if overrides and isinstance(kind, str) else None
+        if method is not None:  # (else from_dict names what is wrong with the file)
+            fields = {f.name for f in dataclasses.fields(method.config)}
+            unknown = [k for k in overrides if k not in fields]
+            if unknown:
+                raise ConfigError(
+                    f"{cls.__name__}.from_pretrained got {', '.join(repr(k) for k in unknown)}, neither a hub option "
+                    f"(revision, token, cache_dir, local_files_only) nor a field of this adapter's config"
+                    f"{suggest(unknown[0], fields)}"
+                )
+        data.update(overrides)
         return cls.from_dict(data)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object of a config file, as a dict (PEFT's method, which returns the dict too: build a config
+        with :meth:`from_dict`). A ``runtime_config`` key is dropped with a warning, as PEFT does.
+
+        Raises:
+            AdapterFileError: the file is missing or is not a JSON object.
+        """
+        data = read_json(path_json_file)
+        if "runtime_config" in data:
+            warnings.warn("ignoring the config file's runtime_config: it holds a run's settings", stacklevel=2)
+            del data["runtime_config"]
+        return data
 
 
 C = TypeVar("C", bound=PeftConfig)

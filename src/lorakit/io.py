@@ -1,4 +1,5 @@
-"""Low-level file helpers: saves that change a folder as a unit, locks, and locating adapter files.
+"""Low-level file helpers: saves that change a folder as a unit, locks, and locating adapter files (in a local
+folder, or on the Hugging Face hub through ``hf_hub_download`` with the load's hub options, :func:`hub_options`).
 
 What lorakit writes is never seen half-written, and two writers never interleave:
 
@@ -27,10 +28,11 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, ConfigError, suggest
 
 try:
     import fcntl
@@ -406,12 +408,70 @@ def check_output_apart(output: str | os.PathLike, inputs: dict[str, str | os.Pat
 
 # -- finding adapter files -----------------------------------------------------------------------------------
 
+#: What a load hands to ``huggingface_hub.hf_hub_download`` for an adapter that is not a local folder (PEFT's
+#: names, with ``subfolder``, which every load takes as its own argument). A local folder ignores them, as in PEFT.
+HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")
 
-def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:
-    """The local path of ``filename`` in an adapter folder, a file path itself, or a cached hub repo.
+
+def hub_options(kwargs: dict[str, Any], where: str, accepted: Iterable[str] = ()) -> dict[str, Any]:
+    """Take the hub options (:data:`HUB_OPTIONS`) out of a load's ``**kwargs``, checked, and refuse any other name.
+
+    Args:
+        kwargs: the caller's ``**kwargs``; the hub options are removed from it.
+        where: the function the arguments were given to, for the messages.
+        accepted: further names the caller reads from ``kwargs`` itself (left there).
+
+    Returns:
+        every hub option, defaults filled in (``revision``, ``token``, ``cache_dir``: None; ``local_files_only``:
+        False), ready for ``hf_hub_download(**...)``.
 
     Raises:
-        AdapterFileError: the folder or file does not exist (the message lists what the folder holds).
+        ConfigError: an unknown keyword argument (named, with what is accepted), or a value of the wrong type.
+    """
+    out: dict[str, Any] = {name: kwargs.pop(name, None) for name in HUB_OPTIONS}
+    if out["local_files_only"] is None:
+        out["local_files_only"] = False
+    accepted = tuple(accepted)
+    unknown = [name for name in kwargs if name not in accepted]
+    if unknown:
+        hint = "; pass token= instead (huggingface_hub's name)" if "use_auth_token" in unknown else ""
+        names = ", ".join(f"{n}=" for n in (*HUB_OPTIONS, *accepted))
+        raise ConfigError(
+            f"{where} got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(n) for n in unknown)}{hint}{suggest(unknown[0], [*HUB_OPTIONS, *accepted])}; "
+            f"besides its named parameters it takes the hub options {names}"
+        )
+    checks = {"revision": (str,), "token": (str, bool), "cache_dir": (str, os.PathLike), "local_files_only": (bool,)}
+    for name, types in checks.items():
+        if out[name] is not None and not isinstance(out[name], types):
+            raise ConfigError(
+                f"{where}: {name}={out[name]!r} is invalid; accepted: {' or '.join(t.__name__ for t in types)} or None"
+            )
+    if out["cache_dir"] is not None:
+        out["cache_dir"] = os.fspath(out["cache_dir"])
+    return out
+
+
+def is_local_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a local file or folder (or looks like one: it never names a hub repo then)."""
+    text = os.fspath(path)
+    return os.path.exists(text) or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
+def resolve_adapter_file(
+    path: str | os.PathLike, filename: str, subfolder: str | None = None, hub: dict[str, Any] | None = None
+) -> str:
+    """The local path of ``filename`` in an adapter folder, a file path itself, or a hub repo.
+
+    Args:
+        path: a local folder, a file, or a hub repo id (``user/name``).
+        subfolder: the folder inside ``path`` (PEFT's layout: an adapter other than ``default``).
+        hub: for a repo id, what :func:`hub_options` returned (revision, token, cache_dir, local_files_only),
+            passed to ``huggingface_hub.hf_hub_download``; ignored for local paths.
+
+    Raises:
+        AdapterFileError: the folder or file does not exist (the message lists what the folder holds), or the
+            hub could not provide it (the message gives the hub's reason).
     """
     path = os.fspath(path)
     if os.path.isfile(path) and subfolder is None:
@@ -424,19 +484,37 @@ def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str 
             return file
         present = sorted(os.listdir(folder))
         raise AdapterFileError(f"{filename!r} not found in adapter folder {folder!r}; it holds {present or 'nothing'}")
-    looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local:
+    if is_local_path(path):
         raise AdapterFileError(f"adapter folder {folder!r} does not exist")
-    return _from_hub_cache(path, filename, subfolder)
+    return _from_hub(path, filename, subfolder, hub or {})
 
 
-def _from_hub_cache(repo_id: str, filename: str, subfolder: str | None) -> str:
+def _from_hub(repo_id: str, filename: str, subfolder: str | None, hub: dict[str, Any]) -> str:
+    """``hf_hub_download`` of one file, every hub option passed through; its errors as :class:`AdapterFileError`."""
+    options = {"revision": None, "token": None, "cache_dir": None, "local_files_only": False, **hub}
     try:
         from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id, filename, subfolder=subfolder)
-    except Exception as exc:  # offline, unknown repo, missing file: all mean "not available here"
+    except ImportError as exc:  # pragma: no cover - installed with transformers
+        raise AdapterFileError(f"adapter {repo_id!r} is not a local folder, and huggingface_hub is missing") from exc
+    try:
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, **options)
+    except Exception as exc:  # offline, unknown repo or revision, no access, missing file: all mean "not available"
+        where = f"{subfolder}/{filename}" if subfolder else filename
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        revision = f" at revision {options['revision']!r}" if options["revision"] else ""
+        cached = " in the local Hugging Face cache (local_files_only=True)" if options["local_files_only"] else ""
         raise AdapterFileError(
-            f"adapter {repo_id!r} is neither a local folder nor available from the Hugging Face cache "
-            f"({type(exc).__name__}); pass the path of a folder holding {filename!r}"
+            f"adapter {repo_id!r} is neither a local folder nor available from the Hugging Face hub{cached}: "
+            f"{where!r}{revision} could not be fetched ({type(exc).__name__}: {reason}); pass the path of a folder "
+            f"holding {filename!r}, or check the repo id, revision= and token="
         ) from exc
+
+
+def hub_snapshot(file: str) -> str | None:
+    """The commit a file fetched by :func:`_from_hub` belongs to (its cache path holds ``snapshots/<commit>/``),
+    so the other files of one adapter can be fetched from the same commit; None for anything else."""
+    parts = os.path.normpath(file).split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1] == "snapshots" and len(parts[i]) == 40 and all(c in "0123456789abcdef" for c in parts[i]):
+            return parts[i]
+    return None

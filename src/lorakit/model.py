@@ -15,11 +15,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from lorakit.config import TASK_HEADS, PeftConfig, PeftType, method_for
 from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
+from lorakit.forward_signature import reports_base_signature
+from lorakit.functional import check_load_options, default_key_mapping, remap_keys
+from lorakit.io import hub_options
 from lorakit.layers.base import check_adapter_name as _check_adapter_name
+from lorakit.model_card import CARD_NAME, adapter_card, write_card
 from lorakit.persistence import load_adapter_state, module_key, read_adapter, save_adapter, write_adapter
+from lorakit.push import push_adapters, push_options
+from lorakit.status import count_parameters, get_layer_status, get_model_status
 
 
 class PeftModel(nn.Module):
@@ -90,8 +97,17 @@ class PeftModel(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add a new adapter (not made active; call :meth:`set_adapter`).
+
+        Args:
+            low_cpu_mem_usage: PEFT's, accepted; no effect. autocast_adapter_dtype: fp32 adapters on a 16-bit base.
 
         Raises:
             AdapterExistsError: the name is taken.
@@ -105,16 +121,23 @@ class PeftModel(nn.Module):
         method_for(peft_config)  # a lorakit method's config (the tuner refuses a second method)
         peft_config = _with_task_defaults(self.base_model.model, peft_config)
         self.peft_config[adapter_name] = peft_config
+        autocast = self.base_model.autocast_adapter_dtype
+        self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
         try:
             self.base_model.inject(adapter_name, peft_config)
         except BaseException:
             del self.peft_config[adapter_name]
             raise
+        finally:
+            self.base_model.autocast_adapter_dtype = autocast
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter (the only one applied and trained)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter (the only one applied and trained; an adapter loaded for
+        inference stays frozen). ``inference_mode=True`` freezes every adapter, this one too (PEFT's argument)."""
         self._check_adapter(adapter_name)
         self.base_model.set_adapter(adapter_name)
+        if inference_mode:
+            self.base_model.set_requires_grad(list(self.peft_config), requires_grad=False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. If it was active, the first remaining adapter becomes active."""
@@ -131,6 +154,13 @@ class PeftModel(nn.Module):
 
     def _check_adapter(self, adapter_name: str) -> None:
         self.base_model._check_adapter(adapter_name)  # the same dict: one message, one place
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """PEFT's method: :meth:`lorakit.tuners.base.Tuner.set_requires_grad`."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    get_layer_status = get_layer_status  # PEFT's methods: lorakit.status's functions, of this model
+    get_model_status = get_model_status
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -172,15 +202,7 @@ class PeftModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts, counted as PEFT counts them."""
-        trainable = total = 0
-        for param in self.parameters():
-            n = param.numel()
-            if n == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 shards
-                n = param.ds_numel
-            total += n
-            if param.requires_grad:
-                trainable += n
-        return trainable, total
+        return count_parameters(self)
 
     def num_parameters(
         self, only_trainable: bool = False, exclude_embeddings: bool = False, trainable: bool | None = None
@@ -213,6 +235,8 @@ class PeftModel(nn.Module):
         to transformers.
         """
         model = self.get_base_model()
+        if hasattr(model, "disable_input_require_grads"):  # transformers adds its hook again on every enable, and
+            model.disable_input_require_grads()  # TRL re-enables around each reference forward: no pile of hooks
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
         else:
@@ -224,7 +248,9 @@ class PeftModel(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def _enable_input_grads(self) -> None:
-        model = self.get_base_model()
+        model = self.get_base_model()  # one hook: transformers may have added it already
+        if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+            return
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
@@ -239,8 +265,8 @@ class PeftModel(nn.Module):
         state = super().state_dict(*args, **kwargs)
         seen: dict[tuple, str] = {}
         for key, tensor in list(state.items()):
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-                continue
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or _is_sharded(tensor):
+                continue  # a sharded tensor (FSDP2's DTensor) has no storage to compare; its gatherer copies it
             ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if ident in seen:
                 state[key] = tensor.detach().clone()
@@ -257,33 +283,89 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Save adapters in PEFT's format: ``default`` at the folder root, others in ``<folder>/<name>/``.
+        """Save adapters in PEFT's format: ``default`` at the folder root, others in ``<folder>/<name>/``, and the
+        model card ``README.md`` at the root (:mod:`lorakit.model_card`; an existing card is updated, its text kept).
 
         Only adapter weights are written (plus biases and ``modules_to_save`` copies the config asks for).
-        Each adapter's files replace the previous ones atomically.
+        Each adapter's files replace the previous ones atomically (the card with the root's adapter).
+
+        Args:
+            push_to_hub: then also upload the saved files, and only those, to the hub repo ``repo_id=`` (default:
+                the folder's name), with ``token=``, ``private=``, ``commit_message=``, ``commit_description=``,
+                ``revision=``, ``create_pr=`` (see :meth:`push_to_hub`). ``repo_id=`` alone only names the repo in
+                the card's loading code.
 
         Raises:
             AdapterNotFoundError: a selected adapter does not exist.
-            AdapterFileError: the folder cannot be written.
+            AdapterFileError: the folder cannot be written, or the push failed.
+            ConfigError: a push option without ``push_to_hub=True``.
         """
         if os.path.isfile(save_directory):
             raise AdapterFileError(f"save_directory {os.fspath(save_directory)!r} is a file; give a folder path")
+        repo_id = kwargs.pop("repo_id", None)
+        push = push_options(kwargs, "save_pretrained", push_to_hub)
+        if push_to_hub and repo_id is None:  # transformers' default: the folder's name, in the user's namespace
+            repo_id = os.path.basename(os.path.normpath(os.fspath(save_directory)))
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             self._check_adapter(name)
         if not is_main_process:
             return
+        configs = {}
         for name in names:
             config = copy.deepcopy(self.peft_config[name])
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = base_name_or_path(self.get_base_model())
             config.inference_mode = True
-            config = self.base_model.file_config(name, config)  # what the method writes differently from memory
+            configs[name] = self.base_model.file_config(name, config)  # what the method writes differently
+        card = adapter_card(self, save_directory, configs, repo_id) if configs else {}
+        for name, config in configs.items():
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers)
+            extra = card if name == "default" else None  # the card changes with the root's adapter, as one unit
+            save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers, extra)
             self.base_model.after_save(name, config, folder)
+        if card and "default" not in configs:
+            write_card(save_directory, card)
+        if push_to_hub:  # what was just saved, its card included (a second save, into a temporary folder)
+            saving = dict(safe_serialization=safe_serialization, save_embedding_layers=save_embedding_layers)
+            card_file = os.path.join(save_directory, CARD_NAME)
+            push_adapters(self, repo_id, names, saving, push, seed_card=card_file if os.path.isfile(card_file) else "")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        **kwargs: Any,
+    ) -> Any:
+        """Upload the adapters (and their model card) to the hub repo ``repo_id``: never the base model.
+
+        The files are those :meth:`save_pretrained` writes, laid out as PEFT pushes them (``default`` at the repo
+        root, other adapters in subfolders), uploaded in one commit; the repo is created if needed. The repo's
+        current ``README.md``, if any, is updated rather than replaced.
+
+        Args:
+            kwargs: ``token``, ``private`` (used when the repo is created), ``commit_message``,
+                ``commit_description``, ``revision`` (the branch), ``create_pr``, as in transformers.
+
+        Returns:
+            ``huggingface_hub``'s ``CommitInfo``.
+
+        Raises:
+            ConfigError: an unknown keyword argument.
+            AdapterFileError: the hub refused or could not be reached (nothing was committed).
+        """
+        push = push_options(kwargs, "push_to_hub", True, strict=True)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_adapter(name)
+        saving = dict(safe_serialization=safe_serialization, save_embedding_layers=save_embedding_layers)
+        return push_adapters(self, repo_id, names, saving, push)
 
     def export_lora(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> PeftConfig:
         """Write an AdaLoRA adapter as the plain LoRA adapter with the same update (PEFT's LoRA format).
@@ -317,19 +399,31 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         subfolder: str | None = None,
         **kwargs: Any,
     ) -> PeftModel:
         """Load an adapter saved by lorakit or PEFT onto ``model``.
 
         Args:
+            model_id: a local folder, or a hub repo id.
             is_trainable: False (the default) loads for inference: adapter weights are frozen.
+            ephemeral_gpu_offload, low_cpu_mem_usage, ``torch_device=``: PEFT's, accepted; no effect on the result.
+            key_mapping: regexes renaming the file's keys (:func:`lorakit.functional.remap_keys`); default, the
+                model's ``_checkpoint_conversion_mapping`` (as PEFT).
+            kwargs: the hub options ``revision``, ``token``, ``cache_dir``, ``local_files_only``, passed to
+                ``huggingface_hub`` for a repo id (ignored for a local folder, as in PEFT); any other name is refused.
 
         Raises:
             AdapterFileError, ConfigError, ShapeMismatchError: see :meth:`load_adapter`. On any of them the
                 model is left exactly as it was.
         """
-        config, state = read_adapter(model_id, subfolder=subfolder, config=config)
+        check_load_options(kwargs, "PeftModel.from_pretrained")
+        hub = hub_options(kwargs, "PeftModel.from_pretrained")
+        config, state = read_adapter(model_id, subfolder=subfolder, config=config, hub=hub)
+        state = remap_keys(state, default_key_mapping(model, config, key_mapping))
         config.inference_mode = not is_trainable
         from lorakit.tasks import MODEL_TYPE_TO_PEFT_MODEL  # the task classes build on this module
 
@@ -358,22 +452,38 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         subfolder: str | None = None,
         **kwargs: Any,
-    ) -> None:
-        """Load another saved adapter into this model under ``adapter_name`` (not made active).
+    ) -> Any:
+        """Load another saved adapter into this model under ``adapter_name`` (not made active; with
+        ``is_trainable=True`` its parameters require grad at once, as PEFT's).
+
+        Args:
+            torch_device, ...: PEFT's arguments, as in :meth:`from_pretrained` (``key_mapping`` without default).
+            kwargs: the hub options, as in :meth:`from_pretrained`; any other name is refused.
+
+        Returns:
+            PEFT's load result (``missing_keys``, ``unexpected_keys``): both empty, a partial file being refused.
 
         Raises:
             AdapterExistsError: the name is taken.
             AdapterFileError: missing or corrupt files, or tensors that match no module.
-            ConfigError: unknown ``peft_type`` or unsupported feature.
+            ConfigError: unknown ``peft_type`` or unsupported feature, or an unknown keyword argument.
             ShapeMismatchError: tensors whose shapes do not fit this model.
             On any error the model is left exactly as it was.
         """
-        config, state = read_adapter(model_id, subfolder=subfolder)
+        check_load_options(kwargs, "load_adapter")
+        hub = hub_options(kwargs, "load_adapter")
+        config, state = read_adapter(model_id, subfolder=subfolder, hub=hub)
+        state = remap_keys(state, key_mapping)
         config.inference_mode = not is_trainable
         loading = config.for_loading()
-        self.add_adapter(adapter_name, loading)
+        self.add_adapter(adapter_name, loading, autocast_adapter_dtype=autocast_adapter_dtype)
         if loading is not config:  # the adapter keeps the config it was saved with
             self.peft_config[adapter_name] = _with_task_defaults(self.get_base_model(), config)
         try:
@@ -381,9 +491,13 @@ class PeftModel(nn.Module):
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+        if is_trainable:
+            self.base_model.set_requires_grad(adapter_name)
+        return _IncompatibleKeys([], [])
 
     # -- running --------------------------------------------------------------------------------------
 
+    @reports_base_signature  # inspect.signature(model.forward): the base model's, plus adapter_names
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the base model with the active adapters; arguments are the base model's.
 
@@ -425,6 +539,11 @@ def _with_task_defaults(model: nn.Module, config: PeftConfig) -> PeftConfig:
         current = list(config.modules_to_save or [])
         config.modules_to_save = current + [h for h in heads if h not in current]
     return config
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2 / tensor parallel shards), without importing torch.distributed."""
+    return type(tensor).__name__ == "DTensor"
 
 
 def base_name_or_path(model: nn.Module) -> str | None:

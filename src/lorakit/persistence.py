@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lorakit.config import CONFIG_NAME, PeftConfig
+from lorakit.config import CONFIG_NAME, PeftConfig, read_json
 from lorakit.errors import AdapterFileError, ShapeMismatchError
-from lorakit.io import atomic_write_files, reading_folder, resolve_adapter_file
+from lorakit.io import atomic_write_files, hub_snapshot, is_local_path, reading_folder, resolve_adapter_file
 from lorakit.layers import ModulesToSaveWrapper
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def adapter_tensors(
     if getattr(config, "bias", "none") == "all":
         for name, param in _trainable_bias_candidates(tuner):
             out[module_key("", name, prefix)] = param
-    out.update(_embedding_tensors(tuner, adapter_name, save_embedding_layers))
+    out.update(_embedding_tensors(tuner, adapter_name, save_embedding_layers, loading))
     return out
 
 
@@ -99,15 +100,20 @@ def _trainable_bias_candidates(tuner: BaseTuner) -> list[tuple[str, torch.Tensor
     ]
 
 
-def _embedding_tensors(tuner: BaseTuner, adapter_name: str, mode: bool | str) -> dict[str, torch.Tensor]:
+def _embedding_tensors(
+    tuner: BaseTuner, adapter_name: str, mode: bool | str, loading: bool = False
+) -> dict[str, torch.Tensor]:
     model = tuner.model
-    only_wrapped = mode == "auto"  # PEFT's auto mode saves the embeddings that carry an adapter
+    targeted = any(
+        name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+        for name, layer in tuner.weight_layers()
+        if adapter_name in layer.adapter_names()
+    )
+    # PEFT saves the embeddings that carry an adapter when one does ("auto", or True), else every embedding; a load
+    # accepts every embedding (older lorakit files hold them all)
+    only_wrapped = mode == "auto" or (targeted and not loading)
     if mode == "auto":
-        mode = any(
-            name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
-            for name, layer in tuner.weight_layers()
-            if adapter_name in layer.adapter_names()
-        )
+        mode = targeted
     if not mode or not hasattr(model, "get_input_embeddings"):
         return {}
     wanted = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
@@ -144,11 +150,13 @@ def save_adapter(
     config: PeftConfig,
     safe_serialization: bool = True,
     save_embedding_layers: bool | str = "auto",
+    extra_files: dict[str, Callable[[str], None]] | None = None,
 ) -> None:
     """Write one adapter's config and weights into ``directory``, replacing what was there atomically.
 
     Both files are written completely to temporary files first; only then are they renamed into place, so an
     error (full disk, unserialisable tensor, interrupt) leaves any previous adapter in the folder intact.
+    ``extra_files`` (file name -> writer, e.g. the model card) join the same unit (see :func:`write_adapter`).
 
     Raises:
         AdapterFileError: the folder cannot be created or written.
@@ -161,13 +169,21 @@ def save_adapter(
             "resized vocabularies); pass save_embedding_layers=False to save only the adapter",
             stacklevel=3,
         )
-    write_adapter(directory, tensors, config, safe_serialization)
+    write_adapter(directory, tensors, config, safe_serialization, extra_files)
 
 
 def write_adapter(
-    directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: PeftConfig, safe_serialization: bool = True
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: PeftConfig,
+    safe_serialization: bool = True,
+    extra_files: dict[str, Callable[[str], None]] | None = None,
 ) -> None:
     """Write ``tensors`` (file key -> tensor) and ``config`` into ``directory``, both replaced atomically.
+
+    Args:
+        extra_files: more files of the same save (file name -> function writing its content to the path it is
+            given), replaced in the same atomic step: the model card ``README.md``.
 
     Raises:
         AdapterFileError: the folder cannot be created or written.
@@ -197,7 +213,8 @@ def write_adapter(
     try:
         # config and weights change together (a journal completes a save killed between the renames); a weights
         # file of the other format would shadow or contradict the new one, so it goes in the same step
-        atomic_write_files(directory, {weights_name: write_weights, CONFIG_NAME: write_config}, removals=(other,))
+        writers = {weights_name: write_weights, CONFIG_NAME: write_config, **(extra_files or {})}
+        atomic_write_files(directory, writers, removals=(other,))
     except (OSError, SafetensorError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise AdapterFileError(
@@ -205,23 +222,30 @@ def write_adapter(
         ) from exc
 
 
-def read_adapter_weights(path: str | os.PathLike, subfolder: str | None = None) -> dict[str, torch.Tensor]:
-    """Load the weights file of an adapter folder: safetensors first, else a legacy ``.bin``.
+def read_adapter_weights(
+    path: str | os.PathLike, subfolder: str | None = None, hub: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load the weights file of an adapter folder or hub repo: safetensors first, else a legacy ``.bin``.
 
     A ``.bin`` file is read with ``torch.load(weights_only=True)``, which refuses pickled code.
+
+    Args:
+        hub: for a hub repo id, the hub options (:func:`lorakit.io.hub_options`); ignored for a local folder.
 
     Raises:
         AdapterFileError: no weights file, or one that cannot be parsed.
     """
     try:
-        file = resolve_adapter_file(path, WEIGHTS_NAME, subfolder=subfolder)
-    except AdapterFileError:
+        file = resolve_adapter_file(path, WEIGHTS_NAME, subfolder=subfolder, hub=hub)
+    except AdapterFileError as first:
         try:
-            file = resolve_adapter_file(path, LEGACY_WEIGHTS_NAME, subfolder=subfolder)
+            file = resolve_adapter_file(path, LEGACY_WEIGHTS_NAME, subfolder=subfolder, hub=hub)
         except AdapterFileError:
             folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+            why = "" if is_local_path(path) else f" ({first})"  # the hub's reason: offline, no access, ...
             raise AdapterFileError(
                 f"no adapter weights in {folder!r}: expected {WEIGHTS_NAME!r} (or a legacy {LEGACY_WEIGHTS_NAME!r})"
+                + why
             ) from None
     try:
         if file.endswith(".safetensors"):
@@ -237,13 +261,22 @@ def read_adapter_weights(path: str | os.PathLike, subfolder: str | None = None) 
 
 
 def read_adapter(
-    path: str | os.PathLike, subfolder: str | None = None, config: PeftConfig | None = None
+    path: str | os.PathLike,
+    subfolder: str | None = None,
+    config: PeftConfig | None = None,
+    hub: dict[str, Any] | None = None,
 ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
-    """An adapter folder's config (unless given) and weights, read as one consistent pair.
+    """An adapter folder's (or hub repo's) config (unless given) and weights, read as one consistent pair.
 
     The folder is read under a shared lock, so a concurrent save (which holds it exclusively) is never seen
-    half-way: the config and the weights come from the same save. The ranks the config asks for are checked
-    against the file's tensors before anything is built from them (the config's ``check_file``).
+    half-way: the config and the weights come from the same save. From the hub, the weights are fetched at the
+    commit the config came from, so a push between the two downloads cannot pair them wrongly. The ranks the
+    config asks for are checked against the file's tensors before anything is built from them (the config's
+    ``check_file``).
+
+    Args:
+        hub: for a hub repo id, the hub options (:func:`lorakit.io.hub_options`: revision, token, cache_dir,
+            local_files_only); ignored for a local folder, as in PEFT.
 
     Raises:
         AdapterFileError: missing, unreadable or corrupt files.
@@ -253,8 +286,12 @@ def read_adapter(
     folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
     with reading_folder(folder):
         if config is None:
-            config = PeftConfig.from_pretrained(path, subfolder=subfolder)
-        state = read_adapter_weights(path, subfolder=subfolder)
+            file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, hub=hub)
+            config = PeftConfig.from_dict(read_json(file))
+            commit = None if is_local_path(path) else hub_snapshot(file)
+            if commit is not None:
+                hub = {**(hub or {}), "revision": commit}
+        state = read_adapter_weights(path, subfolder=subfolder, hub=hub)
     config.check_file(state)
     return config, state
 
@@ -274,6 +311,75 @@ def _base_tensors(tuner: BaseTuner) -> dict[str, torch.Tensor]:
     return out
 
 
+class StateMatch(NamedTuple):
+    """Where each tensor of a file (or state dict) goes in one adapter, checked; nothing is written yet.
+
+    Attributes:
+        copies: ``(destination, source)`` for every tensor that fits.
+        needed: how many tensors the adapter must get (its factors, module copies and own tensors).
+        missing: file keys of those the state lacks.
+        unexpected: keys of the state that match nothing.
+        refusals: in the state's order, an error for each tensor that must not be loaded: a base tensor the
+            adapter does not own (:class:`AdapterFileError`) or a shape that differs from the model's
+            (:class:`ShapeMismatchError`).
+        mismatched: the keys behind the shape refusals.
+    """
+
+    copies: list[tuple[torch.Tensor, torch.Tensor]]
+    needed: int
+    missing: list[str]
+    unexpected: list[str]
+    refusals: list[Exception]
+    mismatched: list[str]
+
+
+def match_adapter_state(tuner: BaseTuner, adapter_name: str, state: dict[str, Any]) -> StateMatch:
+    """Match a file's tensors (file keys, see the module docstring) against adapter ``adapter_name``."""
+    required = required_keys(tuner, adapter_name, loading=True)
+    # What the adapter owns: factors, DoRA magnitudes, modules_to_save copies, the biases its config trains, the
+    # tuner's own tensors (a prompt) and (PEFT's resized-vocabulary files) the embedding weights. Nothing else of
+    # the base may be written.
+    owned = adapter_tensors(tuner, adapter_name, save_embedding_layers=True, loading=True)
+    owned_ids = {id(t) for t in owned.values()}
+    base = _base_tensors(tuner)
+    if getattr(tuner.peft_config[adapter_name], "bias", "none") == "all":  # every bias, inside wrappers too (PEFT)
+        owned_ids.update(id(t) for k, t in base.items() if k.rsplit(".", 1)[-1] == "bias")
+    match = StateMatch([], len(required), [k for k in required if k not in state], [], [], [])
+    for key, tensor in state.items():
+        dest = owned.get(key)
+        if dest is None:  # a state-dict name (PEFT's bias="all" files also name the copies' biases so)
+            dest = base.get(key, base.get(_peft_alias(key, adapter_name)))
+            if dest is not None and id(dest) not in owned_ids:
+                match.refusals.append(
+                    AdapterFileError(
+                        f"the adapter file holds {key!r}, a tensor of the base model that this adapter does not own; "
+                        "an adapter file may only set its own factors, DoRA magnitudes, modules_to_save copies and the "
+                        "biases its config trains (bias='all' or 'lora_only'). Nothing was loaded"
+                    )
+                )
+                continue
+        if dest is None:
+            match.unexpected.append(key)
+        elif tuple(dest.shape) != tuple(tensor.shape):
+            match.mismatched.append(key)
+            match.refusals.append(
+                ShapeMismatchError(
+                    f"adapter tensor {key!r} has shape {tuple(tensor.shape)} but the model expects "
+                    f"{tuple(dest.shape)}; the adapter was trained on a different base model or rank"
+                )
+            )
+        else:
+            match.copies.append((dest, tensor))
+    return match
+
+
+def copy_adapter_state(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write matched tensors into the model (:func:`match_adapter_state`'s ``copies``)."""
+    with torch.no_grad():
+        for dest, tensor in copies:
+            dest.copy_(tensor)
+
+
 def load_adapter_state(tuner: BaseTuner, adapter_name: str, state: dict[str, Any]) -> None:
     """Copy a file's tensors into adapter ``adapter_name``; all checks happen before any tensor is written.
 
@@ -282,47 +388,17 @@ def load_adapter_state(tuner: BaseTuner, adapter_name: str, state: dict[str, Any
             a base tensor the adapter does not own (a base weight, a buffer such as rotary ``inv_freq``).
         ShapeMismatchError: a tensor's shape differs from the model's; names the first such key.
     """
-    required = required_keys(tuner, adapter_name, loading=True)
-    # What the adapter owns: factors, DoRA magnitudes, modules_to_save copies, the biases its config trains, the
-    # tuner's own tensors (a prompt) and (PEFT's resized-vocabulary files) the embedding weights. Nothing else of
-    # the base may be written.
-    owned = adapter_tensors(tuner, adapter_name, save_embedding_layers=True, loading=True)
-    missing = [k for k in required if k not in state]
-    if missing:
+    match = match_adapter_state(tuner, adapter_name, state)
+    if match.missing:
         raise AdapterFileError(
-            f"the adapter file lacks {len(missing)} of the {len(required)} tensors this adapter needs, first "
-            f"{missing[0]!r}; was it saved for another model or with other target_modules?"
+            f"the adapter file lacks {len(match.missing)} of the {match.needed} tensors this adapter needs, first "
+            f"{match.missing[0]!r}; was it saved for another model or with other target_modules?"
         )
-    owned_ids = {id(t) for t in owned.values()}
-    base = _base_tensors(tuner)
-    if getattr(tuner.peft_config[adapter_name], "bias", "none") == "all":  # every bias, inside wrappers too (PEFT)
-        owned_ids.update(id(t) for k, t in base.items() if k.rsplit(".", 1)[-1] == "bias")
-    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
-    unexpected: list[str] = []
-    for key, tensor in state.items():
-        dest = owned.get(key)
-        if dest is None:  # a state-dict name (PEFT's bias="all" files also name the copies' biases so)
-            dest = base.get(key, base.get(_peft_alias(key, adapter_name)))
-            if dest is not None and id(dest) not in owned_ids:
-                raise AdapterFileError(
-                    f"the adapter file holds {key!r}, a tensor of the base model that this adapter does not own; an "
-                    "adapter file may only set its own factors, DoRA magnitudes, modules_to_save copies and the biases "
-                    "its config trains (bias='all' or 'lora_only'). Nothing was loaded"
-                )
-        if dest is None:
-            unexpected.append(key)
-            continue
-        if tuple(dest.shape) != tuple(tensor.shape):
-            raise ShapeMismatchError(
-                f"adapter tensor {key!r} has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(dest.shape)}; the adapter was trained on a different base model or rank"
-            )
-        plan.append((dest, tensor))
-    if unexpected:
+    if match.refusals:
+        raise match.refusals[0]
+    if match.unexpected:
         raise AdapterFileError(
-            f"the adapter file holds {len(unexpected)} tensors that match no module of this model, first "
-            f"{unexpected[0]!r}; was it saved for another base model?"
+            f"the adapter file holds {len(match.unexpected)} tensors that match no module of this model, first "
+            f"{match.unexpected[0]!r}; was it saved for another base model?"
         )
-    with torch.no_grad():
-        for dest, tensor in plan:
-            dest.copy_(tensor)
+    copy_adapter_state(match.copies)

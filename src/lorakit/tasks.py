@@ -1,7 +1,8 @@
 """The task classes (PEFT's names: ``PeftModelForCausalLM``...) and :func:`get_peft_model`, which picks one.
 
-A task class only spells out the forward arguments of its kind of model: the HF Trainer keeps the dataset
-columns that the model's forward names, so they are listed rather than hidden in ``**kwargs``.
+A task class only spells out the forward arguments of its kind of model. What ``inspect.signature(model.forward)``
+reports (the HF Trainer keeps the dataset columns it names) is the base model's own signature plus
+``adapter_names``, for these classes as for :class:`~lorakit.PeftModel` (:mod:`lorakit.forward_signature`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ from torch import nn
 
 from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import ConfigError
+from lorakit.forward_signature import reports_base_signature
 from lorakit.model import PeftModel, base_name_or_path
 
 
 class _TransformersForward(PeftModel):
-    """A forward whose signature names the usual transformers inputs.
+    """A forward that names the usual transformers inputs; anything else passes through ``**kwargs``."""
 
-    The HF Trainer keeps only the dataset columns that the model's forward names, so they are spelled out
-    rather than hidden in ``**kwargs``; anything else still passes through ``**kwargs``.
-    """
-
+    @reports_base_signature
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -57,6 +56,7 @@ class PeftModelForCausalLM(_TransformersForward):
 class PeftModelForSeq2SeqLM(PeftModel):
     """PEFT name for an encoder-decoder model with adapters."""
 
+    @reports_base_signature
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -91,6 +91,7 @@ class PeftModelForTokenClassification(_TransformersForward):
 class PeftModelForQuestionAnswering(PeftModel):
     """PEFT name for extractive QA; the ``qa_outputs`` head trains in full."""
 
+    @reports_base_signature
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

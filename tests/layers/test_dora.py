@@ -186,6 +186,28 @@ def test_no_grad_leaves_no_graph_and_eval_caches_the_norm(monkeypatch):
     assert len(calls) == 6  # in the graph: never cached
 
 
+@pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw", "sgd"])
+def test_every_optimizer_step_refreshes_the_cached_norm(optimizer):
+    """Any torch optimizer made by the user (the HF Trainer's ``adamw_torch_fused`` too): each step's forward
+    uses the norm of the weights after the step. torch's fused AdamW writes parameters without moving their
+    version counters, so a cache keyed on versions alone kept the first step's norm for the whole run."""
+    base, x = make_base("linear")
+    layer = wrap_dora(base).train()
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    make = {
+        "adamw_fused": lambda: torch.optim.AdamW(trained, lr=1e-2, fused=True),
+        "adamw": lambda: torch.optim.AdamW(trained, lr=1e-2),
+        "sgd": lambda: torch.optim.SGD(trained, lr=1e-1),
+    }
+    opt = make[optimizer]()
+    for _ in range(3):
+        out = layer(x)
+        torch.testing.assert_close(out, functional(base, reference_weight(layer), x))
+        out.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_unmerge_round_trip(kind):
     base, x = make_base(kind)

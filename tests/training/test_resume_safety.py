@@ -149,7 +149,9 @@ def test_old_pickle_based_checkpoints_are_refused_unopened(base, tmp_path, paylo
 
 def test_checkpoints_hold_only_json_and_safetensors(base):
     folder = base[2] / STEP3
-    assert sorted(p.name for p in folder.iterdir()) == sorted(FILES)
+    # and the adapter's model card (README.md: markdown text, never read on resume; PEFT's checkpoints carry one too)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*FILES, "README.md"])
+    assert (folder / "README.md").read_text(encoding="utf-8").startswith("---\n")
     for name in FILES:
         data = (folder / name).read_bytes()
         if name.endswith(".json"):

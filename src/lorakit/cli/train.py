@@ -36,6 +36,12 @@ examples:
   # two processes (DDP; gloo on CPU, nccl on GPUs): the same adapter as one process at the same global batch
   torchrun --nproc_per_node 2 -m lorakit train --batch-size 4 --output runs/ddp
 
+  # bf16 base weights and autocast (adapters stay fp32); on GPUs, fp16 with loss scaling also works
+  lorakit train --dtype bf16 --output runs/bf16
+
+  # FSDP2: base and adapters sharded across the processes; the saved adapter is the usual (whole) one
+  torchrun --nproc_per_node 2 -m lorakit train --fsdp --dtype bf16 --batch-size 4 --output runs/fsdp
+
 The global batch per optimizer step is batch-size x grad-accum x number of processes.
 Writes into --output: adapter_config.json + adapter_model.safetensors (PEFT format), metrics.json, loss.png,
 checkpoints/step-N/ (adapter, optimizer, scheduler and RNG state, in JSON and safetensors). An --output
@@ -166,6 +172,19 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=S, help="(0)")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N (auto)")
     g.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=S,
+        help="the frozen base's dtype; bf16/fp16 also run the forward under autocast, adapters stay fp32 "
+        "(fp32; fp16 on CUDA only, with loss scaling)",
+    )
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=S,
+        help="under torchrun: shard the base and the adapters across processes (FSDP2 fully_shard) instead of DDP",
+    )
+    g.add_argument(
         "--no-keep-freed-memory",
         dest="keep_freed_memory",
         action="store_false",
@@ -217,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
     if "target_modules" in overrides:
         overrides["target_modules"] = parse_targets(overrides["target_modules"])
     cfg = TrainConfig.from_sources(args.config, overrides)
+    if args.no_progress:  # no bar at all: transformers' own ("Loading weights") too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     result = train(cfg, progress=not args.no_progress)
     if result.interrupted:  # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
         return 128 + int(result.stop_signal or signal.SIGINT)

@@ -86,6 +86,13 @@ class AdapterLayer(nn.Module):
         self.__dict__["_active_source"] = source
         self.__dict__.pop("_active_cache", None)
 
+    @property
+    def selected_adapters(self) -> list[str]:
+        """The adapters this layer is told to run (the model's active set, or its own list), whether it holds them
+        or not: what PEFT's layers report as their ``active_adapters`` (:func:`lorakit.get_layer_status`)."""
+        source = self.__dict__.get("_active_source")
+        return list(source.names) if source is not None else list(self.__dict__.get("_own_active", []))
+
     def _runnable(self, held_active: list[str]) -> list[str]:
         """Of the active adapters this layer holds, those it applies (all of them; one for a module copy)."""
         return held_active

@@ -22,6 +22,7 @@ recognised by class name and module so that ``import lorakit`` never imports bit
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -31,7 +32,13 @@ from lorakit.layers.kinds import LinearKind, register_kind
 
 
 def is_bnb_layer(module: nn.Module, class_name: str) -> bool:
-    """Whether ``module`` is (a subclass of) bitsandbytes' ``class_name``, without importing bitsandbytes."""
+    """Whether ``module`` is (a subclass of) bitsandbytes' ``class_name``, without importing bitsandbytes.
+
+    A bitsandbytes layer exists only once bitsandbytes has been imported, so until then the answer is no at
+    once (layer kinds ask this of every module of a model).
+    """
+    if "bitsandbytes" not in sys.modules:
+        return False
     return any(c.__name__ == class_name and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 

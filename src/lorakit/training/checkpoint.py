@@ -9,7 +9,8 @@ reading one never runs code (a pickle, which ``torch.load`` reads, can run any c
   ``settings`` that must not change on resume, the loss ``history`` so far, the LR ``scheduler``'s state dict,
   the ``optimizer``'s ``param_groups`` and the non-tensor part of its per-parameter ``state`` (keyed by the
   parameter's index, as in ``Optimizer.state_dict()``), and ``rng``: per process, Python's ``random`` state as
-  ``[version, [625 words], gauss_next]``;
+  ``[version, [625 words], gauss_next]``; for fp16 runs (loss scaling), ``grad_scaler``: the
+  ``torch.amp.GradScaler`` state (scale, growth and backoff factors, growth interval and tracker);
 * ``trainer_state.safetensors``: the tensors — optimizer state under ``optimizer.state.<index>.<name>``
   (nested dicts, such as bitsandbytes' wrapped quantization state, add a level per key:
   ``optimizer.state.3.__bnb_optimizer_quant_state__.absmax1``), and process ``r``'s torch RNG state under

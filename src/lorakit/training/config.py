@@ -15,7 +15,8 @@ from typing import Any
 
 from lorakit.errors import ConfigError, suggest
 from lorakit.kbit import QUANT_TYPES
-from lorakit.training.methods import METHODS
+from lorakit.training.methods import METHODS, TRAIN_METHODS
+from lorakit.training.precision import DTYPES
 
 #: Optimizers by ``--optim`` name: torch's AdamW, or bitsandbytes' 8-bit / paged variants (QLoRA paper §3).
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -81,6 +82,8 @@ class TrainConfig:
     skip_eval: bool = False
     eval_before: bool = True  #: also evaluate the base model before training (the "before" column)
     device: str = "auto"
+    dtype: str = "fp32"  #: fp32, bf16 or fp16: the frozen base's dtype and autocast's (adapters stay fp32)
+    fsdp: bool = False  #: under torchrun: shard base and adapters across processes (FSDP2 fully_shard) instead of DDP
     keep_freed_memory: bool = True  #: on CPU, keep freed blocks for the next step (glibc): no page faults per step
     overwrite: bool = False
     resume: str | None = None  #: "latest" or a checkpoint folder
@@ -160,6 +163,39 @@ class TrainConfig:
             raise ConfigError(f"overflow {self.overflow!r} is not one of {OVERFLOW}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is empty; give module names, a regex, or 'all-linear'")
+        self._validate_scale()
+
+    def _validate_scale(self) -> None:
+        """``dtype`` and ``fsdp``, and what each cannot be combined with."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}" + suggest(str(self.dtype), DTYPES))
+        if self.dtype == "fp16" and str(self.device) == "cpu":
+            raise ConfigError("--dtype fp16 is refused on the CPU (no fp16 matrix kernel, no loss scaling); use bf16")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if not self.fsdp:
+            return
+        if self.method == "full":
+            raise ConfigError(
+                "--fsdp shards a frozen base with its adapters; method 'full' trains every weight (use DDP)"
+            )
+        why = TRAIN_METHODS[self.method].no_fsdp
+        if why:
+            raise ConfigError(f"--fsdp is not supported for --method {self.method}: {why}")
+        if self.bits is not None:
+            raise ConfigError(
+                "--fsdp with a quantized base (--qlora/--bits) is not supported by lorakit train; FSDP shards a "
+                "4-bit base only with a float quant storage dtype (bitsandbytes' quant_storage), see the README"
+            )
+        if self.optim != "adamw":
+            raise ConfigError(
+                f"--fsdp steps sharded parameters with torch's AdamW; optim {self.optim!r} is not supported"
+            )
+        if self.dtype == "fp16":
+            raise ConfigError(
+                "--fsdp with --dtype fp16 is not supported: loss scaling over sharded gradients needs every process "
+                "to agree on skipped steps, which lorakit train does not do yet; use --dtype bf16"
+            )
 
     # -- construction -------------------------------------------------------------------------------
 

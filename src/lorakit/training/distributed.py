@@ -4,7 +4,8 @@ Under ``torchrun --nproc_per_node N`` every process runs the same ``lorakit trai
 ``RANK`` and ``LOCAL_RANK`` come from the environment. The model is wrapped in PyTorch's
 ``DistributedDataParallel``, which all-reduces (averages) the trainable parameters' gradients — here only
 the adapter's, a few MB — during the last micro-batch's backward pass. The backend is ``nccl`` on CUDA and
-``gloo`` on CPU. Only rank 0 writes files and prints; the others wait at barriers.
+``gloo`` on CPU. Only rank 0 writes files and prints; the others wait at barriers. With ``--fsdp`` the model is
+sharded instead (:mod:`lorakit.training.fsdp`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def setup(device: str = "auto") -> World:
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch`` on ``device``; bound for a GPU, each tensor is pinned first so the copy runs asynchronously."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def teardown(world: World) -> None:

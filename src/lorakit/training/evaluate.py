@@ -96,7 +96,7 @@ def _generate(
     try:
         model.eval()
         device = _device(model)
-        with torch.inference_mode():
+        with _grad_free(model):
             for start in range(0, len(prompts_messages), batch_size):
                 texts = [render_prompt(tokenizer, m) for m in prompts_messages[start : start + batch_size]]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -117,6 +117,18 @@ def _generate(
         if was_training:
             model.train()
     return outputs
+
+
+def _grad_free(model: Any) -> Any:
+    """``torch.inference_mode()``, or ``torch.no_grad()`` for a model sharded by FSDP (DTensor parameters): FSDP2
+    keeps the storage of the parameters it all-gathers, and a tensor made in inference mode can never again be
+    saved for backward, so the next training step would fail."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            return torch.no_grad()
+    return torch.inference_mode()
 
 
 def _decode(tokenizer: Any, ids: list[int], stops: list[int]) -> tuple[str, bool]:

@@ -38,6 +38,7 @@ class TrainMethod:
     describe: Callable[[TrainConfig, PeftConfig], str]  #: one line for the log, e.g. "LoRA r=8 alpha=16"
     help: str  #: for ``--method``'s help
     no_resume: str | None = None  #: why ``--resume`` is refused, or None
+    no_fsdp: str | None = None  #: why ``--fsdp`` is refused, or None
     uses_rank: bool = False  #: ``--r``/``--alpha`` mean something to it (shown in titles)
 
 
@@ -180,6 +181,8 @@ TRAIN_METHODS: dict[str, TrainMethod] = {
             "adalora (adaptive rank: --r is the average rank it ends at)",
             no_resume="the importance scores are not checkpointed; the checkpoint folder holds a loadable adapter "
             "with the ranks kept so far",
+            no_fsdp="its rank allocation reads every adapter's whole gradient and masks ranks in place on one "
+            "process, while FSDP leaves each process a shard",
             uses_rank=True,
         ),
         TrainMethod(

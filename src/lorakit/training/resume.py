@@ -23,7 +23,7 @@ import copy
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from lorakit.errors import AdapterFileError, ConfigError, LorakitError
-from lorakit.persistence import load_adapter_state
+from lorakit.persistence import adapter_tensors, load_adapter_state
 from lorakit.training.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -44,6 +44,7 @@ from lorakit.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from lorakit.training.precision import check_scaler_state
 
 #: The key bitsandbytes' 8-bit optimizers wrap their quantization tensors in (``Optimizer8bit.state_dict``).
 _BNB_WRAPPED = "__bnb_optimizer_quant_state__"
@@ -62,7 +63,8 @@ class TrainerState:
     Attributes:
         folder: the checkpoint folder.
         step: optimizer steps done.
-        info: ``settings`` (the run facts that must not change) and ``history`` (loss per step so far).
+        info: ``settings`` (the run facts that must not change), ``history`` (loss per step so far) and, for
+            fp16 runs, ``grad_scaler`` (the loss scale's state).
         adapter: the adapter's tensors (file keys), all finite floating point.
         optimizer: ``{"param_groups": [...], "state": {index: {...}}}`` in ``Optimizer.state_dict()`` form.
         scheduler: the LR scheduler's state dict.
@@ -194,6 +196,11 @@ def _check_state_doc(doc: Any) -> tuple[int, dict, dict, list, dict, list]:
     for index, entry in state.items():
         if not re.fullmatch(r"[0-9]+", index) or not isinstance(entry, dict):
             raise _Invalid(f"'optimizer.state' entry {index!r} is not a parameter index with a state object")
+    if "grad_scaler" in doc:  # fp16 runs: the loss scale and its growth counter
+        try:
+            scaler = check_scaler_state(doc["grad_scaler"])
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
     rng = _field(doc, "rng", list)
     if not rng:
         raise _Invalid("'rng' is empty: no process's random state")
@@ -202,7 +209,10 @@ def _check_state_doc(doc: Any) -> tuple[int, dict, dict, list, dict, list]:
         if not isinstance(entry, dict) or set(entry) != {"python"}:
             raise _Invalid(f"'rng' entry {rank} is not {{'python': [...]}}")
         python.append(_python_rng(entry["python"], rank))
-    return step, {"settings": settings, "history": history}, scheduler, groups, state, python
+    info = {"settings": settings, "history": history}
+    if "grad_scaler" in doc:
+        info["grad_scaler"] = scaler
+    return step, info, scheduler, groups, state, python
 
 
 _JSON_KINDS = {dict: "an object", list: "a list", int: "an integer", float: "a number", str: "a string"}
@@ -290,12 +300,18 @@ def restore_checkpoint(
     scheduler: Any,
     rank: int = 0,
     adapter_name: str = "default",
+    place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Load a checked checkpoint into ``model``, ``optimizer``, ``scheduler`` and this process's RNGs.
 
     Everything is checked against the objects first (the optimizer state against the trainable parameters,
     the scheduler state against the scheduler's, the adapter against the model); if anything does not fit,
     nothing is changed.
+
+    Args:
+        place: ``place(live, whole)`` turns a whole tensor of the checkpoint into what is loaded into the live
+            parameter (or its optimizer state) of the same shape: under FSDP, this process's shard
+            (:func:`lorakit.training.fsdp.place_like`). None: the whole tensor.
 
     Raises:
         AdapterFileError: naming the checkpoint file whose content does not fit, and how.
@@ -308,6 +324,8 @@ def restore_checkpoint(
         sched_state = _like(state.scheduler, scheduler.state_dict(), "scheduler")
     with _naming(tensors_file):
         optim_state = {"param_groups": groups, "state": _fit_param_states(state.optimizer["state"], optimizer, params)}
+        if place is not None:
+            optim_state["state"] = {i: _placed(params[i][0], s, place) for i, s in optim_state["state"].items()}
         rng = state.rng[rank]
         if rng["cuda"] and torch.cuda.is_available():
             if len(rng["cuda"]) > torch.cuda.device_count():
@@ -320,8 +338,12 @@ def restore_checkpoint(
     saved_params = [p.detach().clone() for p in trainable]
     saved_optim, saved_sched = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict())
     saved_rng = rng_state()
+    adapter = state.adapter
+    if place is not None:
+        live = adapter_tensors(model.base_model, adapter_name, save_embedding_layers=True, loading=True)
+        adapter = _placed_by_key(live, adapter, place)
     try:
-        load_adapter_state(model.base_model, adapter_name, state.adapter)  # checks keys and shapes before writing
+        load_adapter_state(model.base_model, adapter_name, adapter)  # checks keys and shapes before writing
     except LorakitError as exc:
         raise AdapterFileError(
             f"checkpoint file {state.folder / ADAPTER_WEIGHTS} does not fit this model: {exc}"
@@ -338,6 +360,18 @@ def restore_checkpoint(
         scheduler.load_state_dict(saved_sched)
         set_rng_state(saved_rng)
         raise AdapterFileError(f"checkpoint {state.folder} could not be restored: {type(exc).__name__}: {exc}") from exc
+
+
+def _placed(param: torch.Tensor, entry: dict[str, Any], place: Callable) -> dict[str, Any]:
+    """An optimizer state whose tensors of the parameter's shape (AdamW's moments) are placed like it."""
+    return {
+        k: place(param, v) if isinstance(v, torch.Tensor) and v.shape == param.shape else v for k, v in entry.items()
+    }
+
+
+def _placed_by_key(live: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], place: Callable) -> dict:
+    """Adapter tensors placed like the live tensors of the same key and shape (others left for the checks)."""
+    return {k: place(live[k], t) if k in live and live[k].shape == t.shape else t for k, t in saved.items()}
 
 
 def load_checkpoint(

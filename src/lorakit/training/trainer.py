@@ -1,4 +1,4 @@
-"""The training loop behind ``lorakit train``: LoRA on a causal LM, completion-only loss, exact resume, DDP.
+"""The training loop behind ``lorakit train``: LoRA on a causal LM, completion-only loss, exact resume, DDP/FSDP.
 
 One optimizer step consumes a *global batch* of ``G = batch_size × grad_accum × world_size`` examples:
 epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``; step ``k`` of the epoch takes
@@ -10,7 +10,8 @@ micro-batch means): each micro-batch contributes ``Σ token losses / N_global``.
 depend on how the batch is split across micro-batches or processes, and ``torchrun --nproc_per_node 2``
 with ``--batch-size 2`` gives the adapter one process with ``--batch-size 4`` gives (up to float summation
 order). Under DDP the gradient all-reduce averages over processes, so each process scales its loss by
-``world_size`` to turn that average back into the sum.
+``world_size`` to turn that average back into the sum; FSDP's reduce-scatter averages the same way
+(:mod:`lorakit.training.fsdp`). ``--dtype bf16/fp16`` is :mod:`lorakit.training.precision`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from lorakit.hub import load_model
 from lorakit.io import atomic_write_dir
 from lorakit.kbit import (
     enable_activation_checkpointing,
-    import_bitsandbytes,
     prepare_model_for_kbit_training,
     quantize,
     replace_lora_weights_loftq,
@@ -44,12 +44,15 @@ from lorakit.targeting import select_targets
 from lorakit.tasks import get_peft_model
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
+from lorakit.training import fsdp as fsdp_utils
+from lorakit.training import precision as prec
 from lorakit.training import resume
 from lorakit.training.allocator import keep_freed_memory
 from lorakit.training.config import TrainConfig
 from lorakit.training.data import BUNDLED, build_dataset, collate, eval_pairs, resolve_data
 from lorakit.training.evaluate import exact_match
 from lorakit.training.methods import FULL, TITLES, TRAIN_METHODS, adapter_config
+from lorakit.training.optim import _fused_adamw_ok, build_optimizer  # noqa: F401 (their home before optim.py)
 from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
 from lorakit.tuners.lora import LoraConfig
@@ -60,7 +63,7 @@ RESUME_KEYS = [
     "loftq", "init_r", "tinit", "tfinal", "orth_reg_weight", "num_virtual_tokens", "prompt_init_text",
     "reduction_factor", "target_modules", "learning_rate", "weight_decay",
     "optim", "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm",
-    "total_steps",
+    "total_steps", "dtype", "fsdp",
 ]  # fmt: skip
 
 
@@ -153,8 +156,11 @@ class Trainer:
             )
         if world.device.type == "cpu":
             self.log(f"CPU BLAS: {cpu_blas.decision}; MKL branch in force: {cpu_blas.mkl_branch() or 'unknown'}")
+        self.precision = prec.resolve(cfg.dtype, world.device)
+        if cfg.fsdp:
+            fsdp_utils.check_world(world)
         t0 = time.perf_counter()
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, dtype=self.precision.base_dtype(trains_base=cfg.method == FULL))
         self.tokenizer = tokenizer
         self.log(
             f"model: {getattr(model.config, '_name_or_path', cfg.model)} ({time.perf_counter() - t0:.1f} s to load)"
@@ -219,10 +225,19 @@ class Trainer:
             method = TRAIN_METHODS[cfg.method].describe(cfg, lora)
             self.log(f"{method}: {trainable:,} trainable of {total:,} ({trainable / total:.3%})")
         self.trainable, self.total = trainable, total
+        upcast = prec.upcast_trainable(self.model)
+        described = self.precision.describe(trains_base=cfg.method == FULL)
+        self.log(described + (f" ({len(upcast)} trainable tensors upcast to fp32)" if upcast else ""))
+        self.scaler = self.precision.grad_scaler()
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.slice_logits = _supports_logit_mask(base)
+        if cfg.fsdp:  # before the optimizer: fully_shard swaps the parameters for DTensors
+            units = fsdp_utils.shard(self.model, world)
+            self.log(
+                f"FSDP: {len(units)} fully_shard units over {world.size} processes ({len(units) - 1} blocks + root)"
+            )
 
-        from transformers import get_scheduler
+        from lorakit.training.schedules import get_scheduler  # not transformers': it imports PEFT and bitsandbytes
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
@@ -257,25 +272,36 @@ class Trainer:
         micro = self._micro_batches(indices)
         for j, part in enumerate(micro):
             batch = collate([self.train_set[i] for i in part], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.world.device) for k, v in batch.items()}
+            batch = dist_utils.to_device(batch, self.world.device)
             sync = self.world.distributed and j < len(micro) - 1
-            with net.no_sync() if sync else contextlib.nullcontext():
-                loss = self._loss_sum(net, batch)
-                (loss * (self.world.size / max(n_tok, 1))).backward()
+            with self._no_sync(net) if sync else contextlib.nullcontext():
+                with self.precision.autocast():
+                    loss = self._loss_sum(net, batch)
+                scaled = loss * (self.world.size / max(n_tok, 1))
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
         loss_sum, tokens = dist_utils.all_sum(self.world, [loss_sum, float(tokens)])
         if not math.isfinite(loss_sum):  # before the update: the weights stay those of the last good step
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged(step + 1, f"the loss is {loss_sum / max(n_tok, 1)}")
+        if self.scaler is not None:  # fp16: gradients back to their true size before clipping
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
             )
-        self.optimizer.step()
+        if self.scaler is not None:  # skips the update when a gradient overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / max(n_tok, 1), int(tokens)
+
+    def _no_sync(self, net: Any) -> Any:
+        return fsdp_utils.no_sync(self.model) if self.cfg.fsdp else net.no_sync()
 
     def _diverged(self, step: int, what: str) -> TrainingDivergedError:
         found = ckpt.list_checkpoints(self.output)
@@ -288,9 +314,13 @@ class Trainer:
 
     def _check_finite_weights(self, step: int) -> None:
         """Refuse to save trained weights holding NaN or Inf (a divergence the loss did not show yet)."""
-        for name, p in self.model.named_parameters():
-            if p.requires_grad and not bool(torch.isfinite(p).all()):
-                raise self._diverged(step, f"the trained weight {name} holds NaN or Inf")
+        trained = [(n, fsdp_utils.local(p)) for n, p in self.model.named_parameters() if p.requires_grad]
+        bad = next((name for name, p in trained if not bool(torch.isfinite(p).all())), None)
+        # under FSDP each process holds shards: all stop together if any process found one
+        if self.cfg.fsdp and dist_utils.all_sum(self.world, [float(bad is not None)])[0] and bad is None:
+            bad = "(a shard on another process)"
+        if bad is not None:
+            raise self._diverged(step, f"the trained weight {bad} holds NaN or Inf")
 
     def _loss_sum(self, net: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ cross-entropy over the supervised next-token targets of a micro-batch.
@@ -316,12 +346,17 @@ class Trainer:
     def _save_checkpoint(self, step: int, history: list[dict[str, Any]]) -> Path | None:
         self._check_finite_weights(step)  # every process holds the same weights: all stop together
         states = dist_utils.gather_objects(self.world, ckpt.rng_state())
+        fsdp = self.cfg.fsdp
+        optimizer = fsdp_utils.GatheredOptimizer(self.optimizer) if fsdp else self.optimizer
         path = None
-        if self.world.is_main:
-            info = {"settings": self._facts(), "history": history}
-            path = ckpt.save_checkpoint(
-                self.output, step, self.model, self.optimizer, self.scheduler, states, info, self.cfg.keep_checkpoints
-            )
+        with fsdp_utils.whole_adapters(self.model) if fsdp else contextlib.nullcontext():
+            if self.world.is_main:
+                info: dict[str, Any] = {"settings": self._facts(), "history": history}
+                if self.scaler is not None:
+                    info["grad_scaler"] = prec.scaler_state(self.scaler)
+                path = ckpt.save_checkpoint(
+                    self.output, step, self.model, optimizer, self.scheduler, states, info, self.cfg.keep_checkpoints
+                )
         dist_utils.barrier(self.world)
         return path
 
@@ -343,12 +378,15 @@ class Trainer:
             raise ConfigError(
                 f"checkpoint {folder} was written by {len(state.rng)} processes; this run has {self.world.size}"
             )
-        resume.restore_checkpoint(state, self.model, self.optimizer, self.scheduler, self.world.rank)
+        place = fsdp_utils.place_like if self.cfg.fsdp else None
+        resume.restore_checkpoint(state, self.model, self.optimizer, self.scheduler, self.world.rank, place=place)
+        if self.scaler is not None and "grad_scaler" in state.info:
+            self.scaler.load_state_dict(state.info["grad_scaler"])
         self.log(f"resumed from {folder} at step {state.step}")
         return state.step, list(state.info["history"])
 
     def _evaluate(self, label: str) -> Any:
-        if not self.eval_set or not self.world.is_main:
+        if not self.eval_set or not (self.world.is_main or self.cfg.fsdp):  # FSDP: every process takes part
             return None
         t0 = time.perf_counter()
         result = exact_match(
@@ -384,7 +422,7 @@ class Trainer:
         dist_utils.barrier(world)
 
         net: Any = self.model
-        if world.distributed:
+        if world.distributed and not cfg.fsdp:
             net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[world.device.index] if world.device.type == "cuda" else None
             )
@@ -429,8 +467,9 @@ class Trainer:
             return TrainResult(self.output, step, interrupted=True, checkpoint=last_ckpt, stop_signal=stop.signum)
 
         self._check_finite_weights(step)
-        if world.is_main:
-            self._save_final()
+        with fsdp_utils.whole_adapters(self.model) if cfg.fsdp else contextlib.nullcontext():
+            if world.is_main:
+                self._save_final()
         dist_utils.barrier(world)
         after = self._evaluate("after training")
         metrics = self._metrics(history, before, after, train_time, start)
@@ -499,33 +538,6 @@ class Trainer:
             "eval_after": ev(after),
             "history": history,
         }
-
-
-def build_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """torch's AdamW, or bitsandbytes' 8-bit (block-wise quantized state) / paged AdamW (QLoRA paper §3).
-
-    torch's AdamW runs its fused kernel where every parameter allows it (``fused=True``: one kernel over all
-    tensors). Its default on CPU loops over the tensors in Python: for LoRA r=8 on SmolLM2-135M's 7
-    projections (420 tensors, 2.4 M values) 25 ms per step against 5 ms fused
-    (``benchmarks/bench_optimizer.py``); the arithmetic is the same.
-    """
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fused_adamw_ok(params))
-    optim = import_bitsandbytes().optim
-    cls = {"adamw8bit": optim.AdamW8bit, "paged_adamw": optim.PagedAdamW, "paged_adamw8bit": optim.PagedAdamW8bit}[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
-
-
-def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
-    """Whether torch's fused AdamW accepts every parameter (floating point, on a device it has kernels for)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    except ImportError:  # a torch without the query: keep the default implementation
-        return False
-    devices = _get_fused_kernels_supported_devices()
-    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
 def _target_weights(model: Any, lora: LoraConfig) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lorakit.config import TASK_HEADS, PeftConfig
+from lorakit.config import PeftConfig
 from lorakit.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -34,7 +34,8 @@ from lorakit.layers.base import ActiveAdapters, check_adapter_name
 from lorakit.layers.kinds import supported_type_names
 from lorakit.layers.quantized import guard_model_repacking
 from lorakit.layers.routing import BASE_ROW, RowRouting, routed
-from lorakit.targeting import is_module_to_save, select_targets
+from lorakit.targeting import select_targets
+from lorakit.tuners.modules_to_save import add_modules_to_save, inside_adapter_layer
 
 
 def _bias(config: PeftConfig) -> str:
@@ -97,70 +98,30 @@ class Tuner(nn.Module):
     # -- modules_to_save: whole-module copies, the same for every method -------------------------------
 
     def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
-        """Give ``adapter_name`` its own trainable copy of every module ``config.modules_to_save`` names.
-
-        Raises:
-            ConfigError: an entry names a container (``ModuleDict``, ``ModuleList``, ``ParameterDict``,
-                ``ParameterList``: no forward of its own to run a copy of, as PEFT refuses too), or matches no
-                module. Raised before any module is wrapped.
-        """
-        if not config.modules_to_save:
-            return
-        targets = [
-            (name, module)
-            for name, module in self.model.named_modules()
-            if name and is_module_to_save(name, config.modules_to_save)
-        ]
-        for name, module in targets:  # containers run nothing themselves: a copy could not stand in (PEFT agrees)
-            if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
-                entry = next(m for m in config.modules_to_save if name.endswith(m))
-                child = next((n for n, _ in module.named_children()), "0")
-                inside = (
-                    f"the modules inside it (e.g. {name.rsplit('.', 1)[-1]}.{child})"
-                    if isinstance(module, (nn.ModuleDict, nn.ModuleList))
-                    else "the module that uses its parameters"
-                )
-                raise ConfigError(
-                    f"modules_to_save entry {entry!r} names {name!r}, a torch.nn.{type(module).__name__}: a container "
-                    f"with no forward of its own, whose copy could not run in its place. Name modules that run "
-                    f"instead: {inside}, or a head such as 'lm_head' or 'classifier'"
-                )
-        matched: set[str] = set()
-        for name, module in targets:
-            matched.update(m for m in config.modules_to_save if name.endswith(m))
-            if isinstance(module, ModulesToSaveWrapper):
-                module.add(adapter_name)
-            elif isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
-                continue
-            elif self._inside_adapter_layer(name):
-                continue
-            else:
-                wrapper = ModulesToSaveWrapper(module)
-                wrapper.add(adapter_name)
-                wrapper.follow(self._active)
-                parent, child = _parent(self.model, name)
-                setattr(parent, child, wrapper)
-        task_heads = TASK_HEADS.get(config.task_type, [])
-        unmatched = [m for m in config.modules_to_save if m not in matched and m not in task_heads]
-        if unmatched:
-            raise ConfigError(
-                f"modules_to_save entry {unmatched[0]!r} matched no module; give the names (or name endings) of "
-                "modules to train in full, e.g. ['classifier'] or ['lm_head']"
-                + suggest(unmatched[0], {n.rsplit(".", 1)[-1] for n, _ in self.model.named_modules() if n})
-            )
+        """Give ``adapter_name`` its own trainable copy of every module ``config.modules_to_save`` names
+        (:func:`lorakit.tuners.modules_to_save.add_modules_to_save`)."""
+        add_modules_to_save(self.model, self._active, adapter_name, config)
 
     def _inside_adapter_layer(self, name: str) -> bool:
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            if isinstance(self.model.get_submodule(".".join(parts[:i])), AdapterLayer):
-                return True
-        return False
+        return inside_adapter_layer(self.model, name)
 
     def inject(self, adapter_name: str, config: PeftConfig) -> None:
         raise NotImplementedError
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         raise NotImplementedError
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Set ``requires_grad`` on these adapters' parameters, active or not (PEFT's method). Making one trainable
+        takes it out of inference mode: from then on :meth:`set_adapter` freezes it while it is inactive, as PEFT."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_adapter(name)
+        for name in names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(requires_grad)
+            if requires_grad:
+                self.peft_config[name].inference_mode = False
 
 
 class BaseTuner(Tuner):
@@ -362,8 +323,9 @@ class BaseTuner(Tuner):
 
     # -- switching ------------------------------------------------------------------------------------
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make these adapters the active ones; only their parameters require grad (unless inference_mode).
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make the adapter(s) ``adapter_name`` (PEFT's name: one name or a list) the active ones; only their
+        parameters require grad (unless inference_mode; PEFT's ``inference_mode=True`` freezes every adapter).
 
         Constant time when every adapter is in inference mode (as loaded for serving): the layers all read one
         shared :class:`~lorakit.tuners.lora.layer.ActiveAdapters`, so switching is one assignment, whatever the number
@@ -382,7 +344,7 @@ class BaseTuner(Tuner):
                 one copy can run, so at most one of them may be active (PEFT refuses this too).
             The model is left unchanged by either.
         """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_adapter(name)
         if sum(1 for n in dict.fromkeys(names) if self.peft_config[n].modules_to_save) > 1:  # rare: then look closer
@@ -400,6 +362,8 @@ class BaseTuner(Tuner):
         self._active.detached = 0
         self._active.set(names)
         self._set_bias_trainable()
+        if inference_mode:
+            self.set_requires_grad(list(self.peft_config), requires_grad=False)
 
     def _set_bias_trainable(self) -> None:
         owners = [n for n in self.active_adapters if _bias(self.peft_config[n]) != "none"]
@@ -432,6 +396,34 @@ class BaseTuner(Tuner):
 
     def _structure_changed(self) -> None:
         self.__dict__.pop("_layer_list_cache", None)
+
+    # -- PEFT's tuner API: adapter parameters, targeted names, in-place switches -----------------------
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The parameters adapter ``adapter_name`` trains, in every layer holding it (module copies included)."""
+        held = [layer for layer in self._adapter_layer_list() if adapter_name in layer.adapter_names()]
+        return [param for layer in held for param in layer.adapter_parameters(adapter_name)]
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The modules holding this method's adapters (names relative to ``self.model``), in model order."""
+        return [name for name, _ in self.weight_layers()]
+
+    def disable_adapter_layers(self) -> None:
+        """PEFT's in-place switch: the base model alone, every adapter frozen, until :meth:`enable_adapter_layers`
+        (:meth:`adapters_disabled` does it for a block). Raises :class:`MergeError` while an adapter is merged."""
+        self._refuse_merged()
+        if any(_bias(self.peft_config[name]) != "none" for name in self.active_adapters):  # PEFT warns too
+            warnings.warn("the active adapter trains biases: they stay in the disabled model", stacklevel=2)
+        for layer in self._adapter_layer_list():
+            layer.disable_adapters = True
+        self.set_requires_grad(list(self.peft_config), requires_grad=False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`: the active adapters run, and train unless in inference mode."""
+        for layer in self._adapter_layer_list():
+            layer.disable_adapters = False
+        self.set_adapter(self.active_adapters)
 
     @contextlib.contextmanager
     def rows_routed(self, adapter_names: list[str], batch: int | None = None) -> Iterator[None]:
@@ -477,6 +469,13 @@ class BaseTuner(Tuner):
         with routed(layers, RowRouting(names)):
             yield
 
+    def _refuse_merged(self) -> None:
+        merged = sorted({a for _, layer in self.weight_layers() for a in layer.merged_adapters})
+        if merged:
+            raise MergeError(
+                f"adapters {merged} are merged into the base weights; call unmerge_adapter() before disabling them"
+            )
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """Run the base model alone inside the block.
@@ -485,12 +484,8 @@ class BaseTuner(Tuner):
             MergeError: an adapter is merged into the weights, so the base model cannot be recovered by
                 switching layers off; call ``unmerge_adapter()`` first.
         """
+        self._refuse_merged()
         layers = [layer for _, layer in self.adapter_layers()]
-        merged = sorted({a for layer in layers if isinstance(layer, self.layer_type) for a in layer.merged_adapters})
-        if merged:
-            raise MergeError(
-                f"adapters {merged} are merged into the base weights; call unmerge_adapter() before disabling them"
-            )
         previous = [layer.disable_adapters for layer in layers]
         for layer in layers:
             layer.disable_adapters = True

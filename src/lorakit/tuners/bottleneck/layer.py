@@ -22,7 +22,7 @@ from torch import nn
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
 from lorakit.layers.base import AdapterLayer
 from lorakit.layers.kinds import LayerKind
-from lorakit.layers.routing import BASE_ROW, ROUTES, RowRouting
+from lorakit.layers.routing import BASE_ROW, RowRouting, current_routes
 from lorakit.tuners.bottleneck.config import NON_LINEARITIES, BottleneckConfig
 
 #: The adapter's tensors, by file key (relative to the layer): ``bottleneck_down.weight`` and so on.
@@ -245,7 +245,7 @@ class BottleneckLayer(AdapterLayer):
         if self.disable_adapters:
             return output
         hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
-        routes = ROUTES.get()  # each row its own adapter, for this call only (adapter_names=...)
+        routes = current_routes()  # each row its own adapter, for this call only (adapter_names=...)
         routing = routes.get(self) if routes is not None else None
         if routing is not None:
             hidden = self._routed(hidden, residual, routing)

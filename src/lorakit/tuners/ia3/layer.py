@@ -15,7 +15,7 @@ from torch import nn
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError, suggest
 from lorakit.layers.base import WeightLayer
 from lorakit.layers.kinds import ConvKind, LayerKind
-from lorakit.layers.routing import ROUTES, RowRouting
+from lorakit.layers.routing import RowRouting, current_routes
 
 #: What a merge keeps to undo itself exactly: the entries where l is 0 or not finite (dividing cannot bring those
 #: back), and the original weight slices and bias values there.
@@ -246,7 +246,7 @@ class IA3Layer(WeightLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
-        routes = ROUTES.get()  # each row its own adapter, for this call only (adapter_names=...)
+        routes = current_routes()  # each row its own adapter, for this call only (adapter_names=...)
         if routes is not None:
             routing = routes.get(self)
             if routing is not None:

@@ -20,13 +20,13 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def lora_delta(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float) -> torch.Tensor:
+def lora_delta(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
     """ΔW = s · B A (LoRA paper §4.1, eq. 3).
 
     Args:
         lora_B: ``(d, r)``, the up-projection.
         lora_A: ``(r, k)``, the down-projection.
-        scaling: s, from :func:`lora_scaling`.
+        scaling: s, from :func:`lora_scaling` (a 0-d tensor on a layer prepared for compiled hot-swapping).
 
     Returns:
         ``(d, k)`` tensor in the factors' dtype. Callers reshape it into their base weight's layout.

@@ -16,8 +16,9 @@ Three things differ from the reference implementation (and from PEFT):
   constant ‖W_i‖² (cached while W is unchanged) — r·in·out multiply-adds and no out×in temporary. PEFT
   builds V, and an in×in identity to get BA, on every forward.
 * **The norm is computed once per weight state** and reused until W, A, B or s change (the tensors' identity
-  and version counters are the cache key; ``train()``/``eval()`` also clear it): once in eval mode, once per
-  optimizer step in training. PEFT recomputes it on every forward unless a global switch is set.
+  and version counters, and the count of optimizer steps taken in the process, are the cache key;
+  ``train()``/``eval()`` also clear it): once in eval mode, once per optimizer step in training. PEFT
+  recomputes it on every forward unless a global switch is set.
 * **Detached by default** (paper §4.3: ‖V‖ treated as a constant in backward, −24% training memory on
   LLaMA-7B for ~0.2 points). ``grad_through_norm=True`` on the magnitude keeps it in the graph, as eq. 5
   is written.
@@ -33,6 +34,7 @@ With dropout active in training, the input of the rescaled part is dropped as in
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -65,6 +67,31 @@ def dora_norm(w_sq: torch.Tensor, a_mt: torch.Tensor, a: torch.Tensor, b: torch.
     return (w_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
 
 
+_STEPS = [0]  # optimizer steps taken in this process, by any torch optimizer (see _count_optimizer_steps)
+_STEPS_HOOK: list[Any] = []
+_STEPS_LOCK = threading.Lock()
+
+
+def _count_optimizer_steps() -> None:
+    """Count every optimizer step of the process (a global ``torch.optim`` post-step hook, registered once).
+
+    Version counters alone miss some updates: torch's fused AdamW (``fused=True``, what ``lorakit train`` and
+    the HF Trainer's ``optim="adamw_torch_fused"`` run) writes the parameters without moving them (torch 2.13),
+    so a cache keyed on versions only would keep the first step's norm for the whole run. Any step of any
+    optimizer invalidates every cached norm: at most one recomputation per step, what training needs anyway.
+    """
+    with _STEPS_LOCK:
+        if _STEPS_HOOK:
+            return
+
+        def bump(optimizer: Any, args: Any, kwargs: Any) -> None:
+            _STEPS[0] += 1
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEPS_HOOK.append(register_optimizer_step_post_hook(bump))
+
+
 class DoraMagnitude(nn.Module):
     """The trainable magnitude m of one DoRA adapter on one layer, and the caches of its norm.
 
@@ -73,23 +100,35 @@ class DoraMagnitude(nn.Module):
             ``(1, out, 1, …)`` for convolutions (PEFT's layout, so files match).
         grad_through_norm: False (default): ‖W + s·BA‖ is a constant in backward (paper §4.3). True: it is
             differentiated, and gradients reach A and B through it too.
+        cache_norm: True (default): norms are reused while their tensors are unchanged (:meth:`cached`). False:
+            recomputed on every call, for weights that change without moving their version counters (FSDP2
+            refills a unit's unsharded parameters in place so; ``lorakit.training.fsdp`` turns it off).
     """
 
     def __init__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(tuple(shape), device=device, dtype=dtype))
         self.grad_through_norm = False
+        self.cache_norm = True
         self._cache: dict[str, tuple[list[tuple[Any, ...]], Any, torch.Tensor]] = {}
+        _count_optimizer_steps()
 
     def cached(
         self, name: str, tensors: Sequence[torch.Tensor], extra: Any, compute: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """``compute()``, reused while ``tensors`` are the same objects holding the same storage at the same
-        version (in-place updates bump the version; ``module.to()`` and ``.data =`` swap the storage)."""
+        version (in-place updates bump the version; ``module.to()`` and ``.data =`` swap the storage) and no
+        optimizer has stepped since (:func:`_count_optimizer_steps`).
+
+        Under ``torch.compile`` the norm is computed in the graph: dynamo cannot trace the cache's storage checks
+        (a graph break in every DoRA layer), and a compiled graph cannot keep a tensor across calls anyway."""
+        if not self.cache_norm or torch.compiler.is_compiling():
+            return compute()
         try:
             key = [(weakref.ref(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
         except RuntimeError:  # inference-mode tensors carry no version counter: never cache
             return compute()
+        extra = (extra, _STEPS[0])
         hit = self._cache.get(name)
         if (
             hit is not None

@@ -140,6 +140,10 @@ class DoraLinearFunction(torch.autograd.Function):
 
 
 def _saved_tensor_hooks_active() -> bool:
-    """Whether ``torch.autograd.graph.saved_tensors_hooks`` are in force (activation checkpointing does this)."""
+    """Whether ``torch.autograd.graph.saved_tensors_hooks`` are in force (activation checkpointing does this).
+    Under ``torch.compile``: True, the path that saves ``z`` (dynamo cannot call the C query, and the in-place
+    output with its version check is nothing a traced graph keeps)."""
+    if torch.compiler.is_compiling():
+        return True
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is None or top(False) is not None  # unknown torch internals: assume hooks, the safe path

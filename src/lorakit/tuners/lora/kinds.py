@@ -33,11 +33,25 @@ if TYPE_CHECKING:
     from lorakit.tuners.lora.layer import LoraLayer
 
 
-def _add_scaled(result: torch.Tensor, update: torch.Tensor, scaling: float) -> torch.Tensor:
+def _add_scaled(result: torch.Tensor, update: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
     """``result + scaling * update``, cast to ``result``'s dtype."""
     if update.dtype != result.dtype:
         update = update.to(result.dtype)
+    if isinstance(scaling, torch.Tensor):
+        return result + update * scaling
     return torch.add(result, update, alpha=scaling)
+
+
+def _fold_scaling(h: torch.Tensor, scaling: float | torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(h, s)``, or ``(s·h, 1)`` for a 0-d tensor s (``alpha=`` takes numbers only).
+
+    A scaling is a tensor after :func:`~lorakit.tuners.lora.hotswap.prepare_model_for_compiled_hotswap`: a
+    compiled graph reads its value instead of baking it in, so a swap that changes α or r does not recompile.
+    ``h`` is the ``(..., r)`` rank-r activation, the cheapest place for the product.
+    """
+    if isinstance(scaling, torch.Tensor):
+        return h * scaling, 1.0
+    return h, scaling
 
 
 class LoraOps:
@@ -115,8 +129,7 @@ class LinearOps(LoraOps):
             x = layer.lora_dropout[adapter](x)
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
-        h = F.linear(x, a)  # (..., r)
-        scaling = layer.scaling[adapter]
+        h, scaling = _fold_scaling(F.linear(x, a), layer.scaling[adapter])  # (..., r)
         if result.dtype == h.dtype and result.dim() >= 2:
             # One GEMM that also does the scale and the add: result + s·(h Bᵀ), no (..., out) temporaries.
             out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
@@ -148,6 +161,8 @@ class LinearOps(LoraOps):
         if scale is not None and scale.dtype != x.dtype:
             return None
         bias, s = base.bias, layer.scaling[adapter]
+        if isinstance(s, torch.Tensor):  # hot-swappable (a 0-d tensor): the generic path, which compiles as well
+            return None
         tensors = [t for t in (x, w, a, b, bias, scale) if t is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             if scale is None:

@@ -16,7 +16,7 @@ from torch import nn
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, suggest
 from lorakit.layers.base import WeightLayer
 from lorakit.layers.kinds import LayerKind, kind_for
-from lorakit.layers.routing import ROUTES, RowRouting
+from lorakit.layers.routing import ROUTES, RowRouting, current_routes
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
 from lorakit.tuners.lora.dora import DoraVariant
 from lorakit.tuners.lora.kinds import lora_kind
@@ -39,7 +39,8 @@ class LoraLayer(WeightLayer):
             that decides how the update enters the output and the weight.
         lora_magnitude_vector: DoRA magnitudes, per DoRA adapter (PEFT's attribute name and state-dict keys);
             present while the layer holds a DoRA adapter (each variant's ``containers``).
-        r, lora_alpha, scaling: per-adapter rank, alpha and s.
+        r, lora_alpha, scaling: per-adapter rank, alpha and s = lora_scaling(alpha, r); s is a 0-d tensor after
+            :func:`~lorakit.tuners.lora.hotswap.prepare_model_for_compiled_hotswap` (a swap then changes it in place).
         active_adapters: adapters applied in ``forward`` (in order).
         merged_adapters: adapters whose ΔW currently sits inside ``base_layer``'s weight.
         disable_adapters: when True, ``forward`` returns ``base_layer``'s output alone.
@@ -60,7 +61,7 @@ class LoraLayer(WeightLayer):
         self._merge_records: dict[str, object] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.scaling: dict[str, float | torch.Tensor] = {}
         self.use_rslora: dict[str, bool] = {}
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -251,7 +252,7 @@ class LoraLayer(WeightLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
-        routes = ROUTES.get()  # each row its own adapter, for this call only (lorakit.tuners.lora.mixed)
+        routes = current_routes()  # each row its own adapter, for this call only (lorakit.tuners.lora.mixed)
         if routes is not None:
             routing = routes.get(self)
             if routing is not None:

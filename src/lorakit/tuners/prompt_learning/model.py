@@ -182,6 +182,20 @@ class PromptLearningModel(Tuner):
                     param.requires_grad_(adapter in names)
         self._active.set(names)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Freeze adapters (``requires_grad=False``, e.g. ``set_adapter(name, inference_mode=True)``).
+
+        Raises:
+            ConfigError: ``requires_grad=True``: whether a prompt can train is decided when it is loaded (a P-tuning
+                file holds the encoder's output only), so it is refused here, as PEFT refuses it for prompt learning.
+        """
+        if requires_grad:
+            raise ConfigError(
+                f"set_requires_grad(..., requires_grad=True) is not available for {self.config_class.NAME} adapters "
+                "(PEFT refuses it too): load the adapter with is_trainable=True, or add a new one to train"
+            )
+        super().set_requires_grad(adapter_names, requires_grad)
+
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The parameters adapter ``adapter_name`` trains: its encoder's and its module copies'."""
         params = list(self.prompt_encoder[adapter_name].parameters())
