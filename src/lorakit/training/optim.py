@@ -18,17 +18,13 @@ def build_optimizer(
     projections (420 tensors, 2.4 M values) 25 ms per step against 5 ms fused
     (``benchmarks/bench_optimizer.py``); the arithmetic is the same.
 
-    The fused kernel writes the parameters without moving their version counters (torch 2.13; the default
-    and ``foreach`` steps move them), so caches keyed on those counters — DoRA's weight norm
-    (:class:`~lorakit.tuners.lora.dora.DoraMagnitude`) — would keep the first step's values: a hook after each
-    step moves them.
+    The fused kernel writes the parameters without moving their version counters (torch 2.13); DoRA's norm
+    cache counts optimizer steps itself (:func:`lorakit.tuners.lora.dora._count_optimizer_steps`), for any
+    optimizer a user builds too.
     """
     if name == "adamw":
         fused = _fused_adamw_ok(params)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
-        if fused:
-            optimizer.register_step_post_hook(_mark_updated)
-        return optimizer
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     optim = import_bitsandbytes().optim
     cls = {"adamw8bit": optim.AdamW8bit, "paged_adamw": optim.PagedAdamW, "paged_adamw8bit": optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
@@ -42,10 +38,3 @@ def _fused_adamw_ok(params: list[torch.nn.Parameter]) -> bool:
         return False
     devices = _get_fused_kernels_supported_devices()
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
-
-
-def _mark_updated(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-    """``register_step_post_hook`` hook: tell autograd every parameter changed in place (the fused step did)."""
-    from torch.autograd.graph import increment_version
-
-    increment_version([p for group in optimizer.param_groups for p in group["params"]])
