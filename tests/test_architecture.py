@@ -50,11 +50,13 @@ RANK = {
     "lorakit.tuners.prefix_tuning.model": 5,
     "lorakit.tuners.bottleneck.model": 5,
     "lorakit.tuners.lora.combine": 5,
+    "lorakit.tuners.lora.loraplus": 5,  # LoRA+ parameter groups over a model's LoRA layers
     "lorakit.persistence": 6,
     "lorakit.forward_signature": 6,  # what inspect.signature(model.forward) reports (model.py, tasks.py)
     "lorakit.functional": 6,  # PEFT's state-dict and injection functions, over persistence and the tuners
     "lorakit.status": 6,  # get_layer_status / get_model_status
     "lorakit.model_card": 6,  # README.md beside the adapter files: reads configs and the adapter's tensors
+    "lorakit.optimizers": 6,  # PEFT's peft.optimizers import path
     "lorakit.model": 7,
     "lorakit.tasks": 7,
     "lorakit.tuners.bottleneck.adapterhub": 7,  # reads the adapters library's folders into a PeftModel

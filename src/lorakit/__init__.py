@@ -64,6 +64,7 @@ from lorakit.tuners.lora.hotswap import (
     prepare_model_for_compiled_hotswap,
 )
 from lorakit.tuners.lora.layer import LoraLayer
+from lorakit.tuners.lora.loraplus import create_loraplus_optimizer
 from lorakit.tuners.lora.model import LoraModel
 from lorakit.tuners.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from lorakit.tuners.p_tuning.encoder import PromptEncoder
@@ -133,6 +134,7 @@ __all__ = [
     "TunerLayerStatus",
     "TunerModelStatus",
     "UnsupportedModuleError",
+    "create_loraplus_optimizer",
     "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",

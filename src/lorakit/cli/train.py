@@ -153,6 +153,14 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--lr", dest="learning_rate", type=float, default=S, help="peak learning rate (1e-3)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="AdamW weight decay (0)")
     g.add_argument(
+        "--loraplus-ratio",
+        dest="loraplus_ratio",
+        type=float,
+        default=S,
+        help="LoRA+ (Hayou et al. 2024, arXiv 2402.12354): B factors learn at lr x this ratio (the paper uses 16; "
+        "lora and adalora only; default: one lr)",
+    )
+    g.add_argument(
         "--optim",
         choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"],
         default=S,

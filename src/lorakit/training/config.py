@@ -62,6 +62,8 @@ class TrainConfig:
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    #: LoRA+ (arXiv 2402.12354 §4): B factors at lr x this ratio (the paper: 16); None = one lr for all
+    loraplus_ratio: float | None = None
     optim: str = "adamw"  #: adamw, or bitsandbytes' adamw8bit / paged_adamw / paged_adamw8bit
     epochs: float = 1.0
     max_steps: int | None = None  #: overrides ``epochs`` when set
@@ -144,6 +146,12 @@ class TrainConfig:
             raise ConfigError(f"a {self.bits}-bit base trains adapters only; method {self.method!r} cannot use it")
         if self.quant_type not in QUANT_TYPES:
             raise ConfigError(f"quant_type {self.quant_type!r} is not one of {QUANT_TYPES}")
+        if self.loraplus_ratio is not None:
+            positive("loraplus_ratio", self.loraplus_ratio)
+            if self.method not in ("lora", "adalora"):
+                raise ConfigError(
+                    f"--loraplus-ratio speeds up LoRA's B factors; method {self.method!r} has none (use lora, adalora)"
+                )
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"optim {self.optim!r} is not one of {OPTIMIZERS}" + suggest(str(self.optim), OPTIMIZERS))
         if not isinstance(self.loftq, bool):

@@ -9,7 +9,7 @@ from lorakit.kbit import import_bitsandbytes
 
 
 def build_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float
+    name: str, params: list[torch.nn.Parameter] | list[dict], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     """torch's AdamW, or bitsandbytes' 8-bit (block-wise quantized state) / paged AdamW (QLoRA paper §3).
 
@@ -22,8 +22,9 @@ def build_optimizer(
     cache counts optimizer steps itself (:func:`lorakit.tuners.lora.dora._count_optimizer_steps`), for any
     optimizer a user builds too.
     """
-    if name == "adamw":
-        fused = _fused_adamw_ok(params)
+    if name == "adamw":  # params: tensors, or parameter groups (LoRA+) whose own lr / weight_decay win
+        tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+        fused = _fused_adamw_ok(tensors)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     optim = import_bitsandbytes().optim
     cls = {"adamw8bit": optim.AdamW8bit, "paged_adamw": optim.PagedAdamW, "paged_adamw8bit": optim.PagedAdamW8bit}[name]

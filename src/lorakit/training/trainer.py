@@ -56,6 +56,7 @@ from lorakit.training.optim import _fused_adamw_ok, build_optimizer  # noqa: F40
 from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
 from lorakit.tuners.lora import LoraConfig
+from lorakit.tuners.lora.loraplus import loraplus_param_groups
 
 #: Settings a resumed run must share with its checkpoint to reach the uninterrupted result.
 RESUME_KEYS = [
@@ -63,7 +64,7 @@ RESUME_KEYS = [
     "loftq", "init_r", "tinit", "tfinal", "orth_reg_weight", "num_virtual_tokens", "prompt_init_text",
     "reduction_factor", "target_modules", "learning_rate", "weight_decay",
     "optim", "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm",
-    "total_steps", "dtype", "fsdp",
+    "total_steps", "dtype", "fsdp", "loraplus_ratio",
 ]  # fmt: skip
 
 
@@ -239,7 +240,11 @@ class Trainer:
 
         from lorakit.training.schedules import get_scheduler  # not transformers': it imports PEFT and bitsandbytes
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params: list = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.loraplus_ratio is not None:  # LoRA+ (arXiv 2402.12354): B factors at lr x ratio
+            params = loraplus_param_groups(
+                self.model, lr=cfg.learning_rate, ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay
+            )
         self.optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, cfg.warmup_steps, self.total_steps)
 
