@@ -25,7 +25,11 @@ RANK = {
     "lorakit.tuners.lora.fused": 3,
     "lorakit.tuners.lora.mixed": 3,
     "lorakit.tuners.lora.loftq": 3,
+    "lorakit.tuners.lora.starts": 3,  # PiSSA, OLoRA, orthogonal: A and B (and the residual) from the base weight
     "lorakit.tuners.lora.kinds": 3,
+    "lorakit.tuners.lora.mha": 3,  # LoRA on nn.MultiheadAttention (its own layer and kind)
+    "lorakit.tuners.lora.param_names": 2,  # target_parameters' names, read by LoraConfig.check_file
+    "lorakit.tuners.lora.param_wrapper": 3,  # LoRA on an nn.Parameter (fused MoE experts)
     "lorakit.tuners.adalora.layer": 3,
     "lorakit.tuners.ia3.layer": 3,
     "lorakit.tuners.prompt_learning.encoder": 3,
@@ -34,12 +38,16 @@ RANK = {
     "lorakit.tuners.p_tuning.encoder": 3,
     "lorakit.tuners.prefix_tuning.encoder": 3,
     "lorakit.tuners.bottleneck.layer": 3,
+    "lorakit.tuners.trainable_tokens.layer": 3,
     "lorakit.layers": 3,
     "lorakit.targeting": 4,
     "lorakit.kbit": 4,
     "lorakit.tuners.base": 5,
+    "lorakit.undo": 4,  # the undos a running load keeps (a context variable; imports nothing of lorakit)
     "lorakit.tuners.modules_to_save": 5,  # whole-module copies, for both engines (Tuner)
     "lorakit.tuners.lora.model": 5,
+    "lorakit.tuners.lora.moe": 5,  # MoE models' targets (PEFT's v4 -> v5 rewrite, the all-linear warning)
+    "lorakit.tuners.lora.param_targets": 5,  # which parameters target_parameters selects, and their injection
     "lorakit.tuners.adalora.model": 5,
     "lorakit.tuners.ia3.model": 5,
     "lorakit.tuners.prompt_learning.model": 5,
@@ -49,14 +57,24 @@ RANK = {
     "lorakit.tuners.p_tuning.model": 5,
     "lorakit.tuners.prefix_tuning.model": 5,
     "lorakit.tuners.bottleneck.model": 5,
+    "lorakit.tuners.tying": 5,  # tied input/output embeddings (ensure_weight_tying), read by the aux modules
+    "lorakit.tuners.trainable_tokens.auxiliary": 5,  # LoRA's trainable_token_indices (BaseTuner.inject)
+    "lorakit.tuners.trainable_tokens.model": 5,
     "lorakit.tuners.lora.combine": 5,
+    "lorakit.tuners.lora.start_conversion": 5,  # a trained PiSSA/OLoRA adapter as plain LoRA for the original base
     "lorakit.tuners.lora.loraplus": 5,  # LoRA+ parameter groups over a model's LoRA layers
+    "lorakit.tuners.lora.subconfigs": 2,  # EvaConfig, CordaConfig (validated by LoraConfig)
+    "lorakit.tuners.lora.ipca": 3,  # incremental PCA (EVA's SVD of layer inputs)
+    "lorakit.tuners.lora.eva_collect": 5,  # EVA's data pass: hooks, convergence, rank redistribution
+    "lorakit.tuners.lora.eva": 5,  # EVA's data-driven start over a LoRA model (initialize_lora_eva_weights)
+    "lorakit.tuners.lora.corda": 5,  # CorDA: covariance hooks, decomposition, residual start
     "lorakit.persistence": 6,
     "lorakit.forward_signature": 6,  # what inspect.signature(model.forward) reports (model.py, tasks.py)
     "lorakit.functional": 6,  # PEFT's state-dict and injection functions, over persistence and the tuners
     "lorakit.status": 6,  # get_layer_status / get_model_status
     "lorakit.model_card": 6,  # README.md beside the adapter files: reads configs and the adapter's tensors
     "lorakit.optimizers": 6,  # PEFT's peft.optimizers import path
+    "lorakit.sharding": 6,  # whole adapter tensors from FSDP2 shards, for saves (training, the HF Trainer)
     "lorakit.model": 7,
     "lorakit.tasks": 7,
     "lorakit.tuners.bottleneck.adapterhub": 7,  # reads the adapters library's folders into a PeftModel
@@ -66,6 +84,7 @@ RANK = {
     "lorakit.estimate": 8,
     "lorakit.integrations": 8,  # the HF Trainer and TRL with lorakit models: above the model API, below training
     "lorakit.training": 9,
+    "lorakit.serve": 9,  # the HTTP server: over the model API (and training's chat helpers), under the CLI
     "lorakit.cli": 10,
     "lorakit": 99,
 }

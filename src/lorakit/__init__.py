@@ -57,7 +57,9 @@ from lorakit.tuners.bottleneck.model import BottleneckModel
 from lorakit.tuners.ia3 import IA3Config
 from lorakit.tuners.ia3.model import IA3Model
 from lorakit.tuners.lora import LoraConfig
+from lorakit.tuners.lora.corda import CordaConfig, preprocess_corda
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
+from lorakit.tuners.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from lorakit.tuners.lora.hotswap import (
     hotswap_adapter,
     hotswap_adapter_from_state_dict,
@@ -76,6 +78,8 @@ from lorakit.tuners.prompt_learning import PromptLearningConfig
 from lorakit.tuners.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from lorakit.tuners.prompt_tuning.encoder import PromptEmbedding
 from lorakit.tuners.prompt_tuning.model import PromptTuningModel
+from lorakit.tuners.trainable_tokens import TrainableTokensConfig
+from lorakit.tuners.trainable_tokens.model import TrainableTokensModel
 
 __version__ = "0.1.0"
 
@@ -99,6 +103,8 @@ __all__ = [
     "BottleneckConfig",
     "BottleneckModel",
     "ConfigError",
+    "CordaConfig",
+    "EvaConfig",
     "IA3Config",
     "IA3Model",
     "LoraConfig",
@@ -131,21 +137,26 @@ __all__ = [
     "ShapeMismatchError",
     "TargetNotFoundError",
     "TaskType",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "TunerLayerStatus",
     "TunerModelStatus",
     "UnsupportedModuleError",
     "create_loraplus_optimizer",
     "get_base_model_state_dict",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_adapters_library",
     "load_peft_weights",
     "prepare_model_for_compiled_hotswap",
+    "preprocess_corda",
     "prepare_model_for_kbit_training",
     "quantize",
     "replace_lora_weights_loftq",

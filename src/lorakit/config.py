@@ -43,6 +43,7 @@ class PeftType(str, enum.Enum):
     OFT = "OFT"
     BOFT = "BOFT"
     VERA = "VERA"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     # lorakit's own: PEFT has no bottleneck adapters (Houlsby/Pfeiffer; the adapters library's BnConfig), so no
     # PEFT file carries this value and PEFT cannot load such an adapter.
     BOTTLENECK = "BOTTLENECK"
@@ -160,8 +161,12 @@ class PeftConfig:
     # -- serialisation -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with PEFT's keys (sets become sorted lists, enums their values)."""
-        out: dict[str, Any] = {}
+        """A JSON-ready dict with PEFT's keys (sets become sorted lists, enums their values).
+
+        Fields a loaded file held that this class has no field for (a newer PEFT's options, PEFT's switched-off
+        features) come back as they were read (:attr:`extra_fields`), so a load → save round trip loses nothing.
+        """
+        out: dict[str, Any] = dict(self.extra_fields)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, enum.Enum):
@@ -174,6 +179,11 @@ class PeftConfig:
                 value = list(value)
             out[f.name] = value
         return out
+
+    @property
+    def extra_fields(self) -> dict[str, Any]:
+        """The file's keys this class has no field for, kept to be written back (empty for a config built in code)."""
+        return self.__dict__.get("_extra_fields", {})
 
     def to_json(self) -> str:
         """The JSON text PEFT writes: two-space indent, sorted keys."""
@@ -208,21 +218,31 @@ class PeftConfig:
             raise ConfigError(f"this adapter is {peft_type.value!r}; {cls.__name__} reads {cls.PEFT_TYPE.value!r}")
         known = {f.name for f in dataclasses.fields(target)}
         kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
-            elif key in target.INFORMATIONAL_FIELDS:
                 continue
-            elif key in target.INERT_FIELDS:
+            if key == "peft_version":  # who wrote the file; lorakit does not claim it when it writes one
+                continue
+            if key in target.INERT_FIELDS:
                 off = target.INERT_FIELDS[key]
                 if value != off and value not in (None, {}):
                     raise ConfigError(
                         f"this adapter uses {key}={value!r}, a PEFT feature lorakit does not implement; "
                         f"lorakit loads adapters with {key}={off!r}"
                     )
-            else:
-                warnings.warn(f"ignoring unknown adapter config field {key!r}", stacklevel=2)
-        return target(**target.fields_from_file(kwargs))
+            elif key not in target.INFORMATIONAL_FIELDS:
+                warnings.warn(
+                    f"adapter config field {key!r} is unknown to lorakit: it changes nothing lorakit computes and is "
+                    "written back unchanged when the adapter is saved",
+                    stacklevel=2,
+                )
+            extra[key] = value
+        config = target(**target.fields_from_file(kwargs))
+        if extra:
+            config.__dict__["_extra_fields"] = extra
+        return config
 
     @classmethod
     def fields_from_file(cls, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from lorakit.layers.kinds import HFConv1D
 from lorakit.tasks import get_peft_model
 from lorakit.tuners.lora import LoraConfig
 from lorakit.tuners.lora.layer import LoraLayer
+from lorakit.tuners.lora.param_names import strip_wrappers
+from lorakit.tuners.lora.param_wrapper import ParamLoraLayer
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -228,7 +230,7 @@ class AdaptedModule:
     variant's own (DoRA's magnitude, AdaLoRA's singular values)."""
 
     name: str
-    kind: str  # the layer kind's name: "linear", "conv1d_hf", "embedding", "conv", ...
+    kind: str  # the layer kind's name: "linear", "conv1d_hf", "embedding", "conv", "parameter" (E experts: E·r rows)
     in_features: int  # k (columns of ΔW): Linear in_features, Embedding num_embeddings, Conv in_channels
     out_features: int  # d (rows of ΔW)
     r: int
@@ -271,10 +273,12 @@ class ParameterEstimate:
         return [s for m in self.modules for s in (m.a_size, m.b_size, m.m_size) if s]
 
     def groups(self) -> list[tuple[str, str, int, int, int, int, int]]:
-        """``(leaf name, kind, k, d, r, parameters each, how many)`` per distinct layer shape, in model order."""
+        """``(leaf name, kind, k, d, r, parameters each, how many)`` per distinct layer shape, in model order (a
+        parameter's leaf name includes its module's: ``experts.down_proj``)."""
         counts: dict[tuple[str, str, int, int, int, int], int] = {}
         for m in self.modules:
-            key = (m.name.rsplit(".", 1)[-1], m.kind, m.in_features, m.out_features, m.r, m.params)
+            parts = 2 if m.kind == "parameter" else 1  # a parameter by its module too: experts.down_proj, gate.weight
+            key = (".".join(m.name.split(".")[-parts:]), m.kind, m.in_features, m.out_features, m.r, m.params)
             counts[key] = counts.get(key, 0) + 1
         return [(*key, n) for key, n in counts.items()]
 
@@ -325,6 +329,8 @@ def count_parameters(model: nn.Module, config: PeftConfig) -> ParameterEstimate:
             a, b, *own = params  # A, B, then the variant's own (adapter_parameters' order)
             size = sum(p.numel() for p in own)
             shape = (layer.in_features, layer.out_features, layer.r[adapter])
+            if isinstance(layer, ParamLoraLayer):  # target_parameters: named by the parameter, r per expert
+                name = f"{strip_wrappers(name)}.{layer.parameter_name}"
             estimate.modules.append(AdaptedModule(name, layer.kind.name, *shape, a.numel(), b.numel(), size))
         elif params:  # another method's layer (no low-rank factors): its values count as the module's own
             k, d = layer.kind.features(layer.base_layer)

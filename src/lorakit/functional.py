@@ -141,6 +141,11 @@ def _targets_from_state_dict(
     config: PeftConfig, tuner_cls: type, state_dict: dict[str, Any], model: nn.Module
 ) -> PeftConfig:
     prefix = getattr(tuner_cls, "prefix", None)
+    if getattr(config, "target_parameters", None):  # a parameter's layers nest: keys do not say which is which
+        raise ConfigError(
+            "inject_adapter_in_model with a state_dict cannot place target_parameters adapters (as in PEFT); inject "
+            "with the config's own targets and no state_dict, then load the state_dict"
+        )
     if not prefix or not hasattr(config, "target_modules"):
         raise ConfigError(
             f"{type(config).__name__} adapters are not found by a key prefix, so a state_dict cannot say where they "

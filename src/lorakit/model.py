@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+import lorakit.persistence as persistence
 from lorakit.config import TASK_HEADS, PeftConfig, PeftType, method_for
 from lorakit.errors import AdapterExistsError, AdapterFileError, ConfigError
 from lorakit.forward_signature import reports_base_signature
@@ -27,6 +28,7 @@ from lorakit.model_card import CARD_NAME, adapter_card, write_card
 from lorakit.persistence import load_adapter_state, module_key, read_adapter, save_adapter, write_adapter
 from lorakit.push import push_adapters, push_options
 from lorakit.status import count_parameters, get_layer_status, get_model_status
+from lorakit.undo import keep_undos, run_undos
 
 
 class PeftModel(nn.Module):
@@ -283,6 +285,7 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -293,6 +296,9 @@ class PeftModel(nn.Module):
         Each adapter's files replace the previous ones atomically (the card with the root's adapter).
 
         Args:
+            path_initial_model_for_weight_conversion: the folder of a PiSSA/OLoRA adapter saved right after its
+                creation: each adapter is then written as the plain LoRA adapter of rank 2r that gives the trained
+                model on the original base (:mod:`lorakit.tuners.lora.start_conversion`; PEFT's argument).
             push_to_hub: then also upload the saved files, and only those, to the hub repo ``repo_id=`` (default:
                 the folder's name), with ``token=``, ``private=``, ``commit_message=``, ``commit_description=``,
                 ``revision=``, ``create_pr=`` (see :meth:`push_to_hub`). ``repo_id=`` alone only names the repo in
@@ -321,16 +327,29 @@ class PeftModel(nn.Module):
                 config.base_model_name_or_path = base_name_or_path(self.get_base_model())
             config.inference_mode = True
             configs[name] = self.base_model.file_config(name, config)  # what the method writes differently
+        converted, initial = {}, path_initial_model_for_weight_conversion
+        if initial is not None:  # PiSSA/OLoRA as plain LoRA on the original base (the method converts)
+            convert = getattr(type(self.base_model), "convert_for_initial_base", None)
+            if convert is None:
+                raise ConfigError(f"path_initial_model_for_weight_conversion converts LoRA, not {self.peft_type}")
+            start = persistence.read_adapter_weights(initial)
+            for name, config in configs.items():
+                tensors = persistence.adapter_tensors(self.base_model, name, save_embedding_layers)
+                converted[name] = convert(self.base_model, name, config, tensors, start, os.fspath(initial))
         card = adapter_card(self, save_directory, configs, repo_id) if configs else {}
         for name, config in configs.items():
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             extra = card if name == "default" else None  # the card changes with the root's adapter, as one unit
-            save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers, extra)
+            if name in converted:
+                write_adapter(folder, converted[name][1], config, safe_serialization, extra)
+            else:
+                save_adapter(self.base_model, name, folder, config, safe_serialization, save_embedding_layers, extra)
             self.base_model.after_save(name, config, folder)
         if card and "default" not in configs:
             write_card(save_directory, card)
         if push_to_hub:  # what was just saved, its card included (a second save, into a temporary folder)
             saving = dict(safe_serialization=safe_serialization, save_embedding_layers=save_embedding_layers)
+            saving["path_initial_model_for_weight_conversion"] = path_initial_model_for_weight_conversion
             card_file = os.path.join(save_directory, CARD_NAME)
             push_adapters(self, repo_id, names, saving, push, seed_card=card_file if os.path.isfile(card_file) else "")
 
@@ -431,7 +450,8 @@ class PeftModel(nn.Module):
         requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         loading = config.for_loading()
         try:
-            peft_model = model_cls(model, loading, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            with keep_undos() as undos:  # a start that rewrote base weights (PiSSA...) is undone if the load fails
+                peft_model = model_cls(model, loading, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         except BaseException:
             _restore_requires_grad(model, requires_grad)
             raise
@@ -441,6 +461,7 @@ class PeftModel(nn.Module):
             load_adapter_state(peft_model.base_model, adapter_name, state)
         except BaseException:
             peft_model.base_model.unload(merge=False)
+            run_undos(undos)
             _restore_requires_grad(model, requires_grad)
             raise
         if not is_trainable:
@@ -483,13 +504,15 @@ class PeftModel(nn.Module):
         state = remap_keys(state, key_mapping)
         config.inference_mode = not is_trainable
         loading = config.for_loading()
-        self.add_adapter(adapter_name, loading, autocast_adapter_dtype=autocast_adapter_dtype)
+        with keep_undos() as undos:
+            self.add_adapter(adapter_name, loading, autocast_adapter_dtype=autocast_adapter_dtype)
         if loading is not config:  # the adapter keeps the config it was saved with
             self.peft_config[adapter_name] = _with_task_defaults(self.get_base_model(), config)
         try:
             load_adapter_state(self.base_model, adapter_name, state)
         except BaseException:
             self.delete_adapter(adapter_name)
+            run_undos(undos)
             raise
         if is_trainable:
             self.base_model.set_requires_grad(adapter_name)

@@ -109,6 +109,8 @@ def _embedding_tensors(
         for name, layer in tuner.weight_layers()
         if adapter_name in layer.adapter_names()
     )
+    # an adapter of token rows saves the rows, not the embedding they belong to (PEFT's "auto")
+    targeted = targeted and not getattr(type(tuner), "trains_token_rows", False)
     # PEFT saves the embeddings that carry an adapter when one does ("auto", or True), else every embedding; a load
     # accepts every embedding (older lorakit files hold them all)
     only_wrapped = mode == "auto" or (targeted and not loading)

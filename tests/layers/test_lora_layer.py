@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.errors import AdapterExistsError, AdapterNotFoundError, MergeError, UnsupportedModuleError
+from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError, UnsupportedModuleError
 from lorakit.layers import kind_for
 from lorakit.tuners.lora.delta import lora_delta, lora_scaling
 from lorakit.tuners.lora.layer import LoraLayer
@@ -219,9 +219,16 @@ def test_deleting_merged_adapter_is_refused():
         layer.delete("default")
 
 
-def test_grouped_conv_is_refused():
+def test_grouped_conv_needs_rank_multiple_of_groups():
+    # LoRA takes grouped convolutions as PEFT does (tests/layers/test_conv_mha.py); the shared geometry, which
+    # other methods use, still refuses them
+    base = nn.Conv2d(4, 4, 3, groups=2)
     with pytest.raises(UnsupportedModuleError, match="groups=2"):
-        LoraLayer(nn.Conv2d(4, 4, 3, groups=2), kind_for(nn.Conv2d(4, 4, 3, groups=2)))
+        kind_for(base).features(base)
+    layer = LoraLayer(base, kind_for(base))
+    with pytest.raises(ConfigError, match="rank 3 on a Conv2d with groups=2"):
+        layer.add("default", 3, 8)
+    assert layer.adapter_names() == [] and not len(layer.lora_A)
 
 
 def test_half_precision_base_with_fp32_adapter():

@@ -1,4 +1,4 @@
-"""The ``lorakit`` command line: ``lorakit {train,generate,merge,inspect,estimate} --help``.
+"""The ``lorakit`` command line: ``lorakit {train,generate,merge,inspect,estimate,serve} --help``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``.
 Errors lorakit raises on purpose (:class:`~lorakit.errors.LorakitError`) are printed as one clear message
@@ -12,10 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lorakit.cli import estimate, generate, inspect, merge, train
+from lorakit.cli import estimate, generate, inspect, merge, serve, train
 from lorakit.errors import LorakitError
 
-COMMANDS = (train, generate, merge, inspect, estimate)
+COMMANDS = (train, generate, merge, inspect, estimate, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,6 +95,14 @@ def add_parser(sub: Any) -> None:
         "'default' for the architecture's default (q_proj, v_proj on LLaMA)",
     )
     g.add_argument(
+        "--target-parameters",
+        dest="target_parameters",
+        metavar="NAME",
+        nargs="+",
+        default=S,
+        help="LoRA on parameters, e.g. mlp.experts.gate_up_proj mlp.experts.down_proj (fused MoE experts)",
+    )
+    g.add_argument(
         "--exclude", dest="exclude_modules", metavar="NAME", nargs="+", default=S, help="module names never adapted"
     )
     g.add_argument(
@@ -181,7 +189,8 @@ def _method_configs() -> dict[str, tuple[Any, dict[str, Any], dict[str, str]]]:
 
 #: Flags -> config fields; a flag given for a method whose config lacks the field is an error.
 _FIELDS = (
-    "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules rank_pattern use_dora "
+    "r exclude_modules layers_to_transform layers_pattern modules_to_save bias target_modules target_parameters "
+    "rank_pattern use_dora "
     "num_virtual_tokens reduction_factor"
 ).split()
 
@@ -351,6 +360,8 @@ def print_estimate(res: dict[str, Any]) -> None:
         )
     if ranked and any(g["kind"] == "conv" for g in lora["groups"]):
         print("  (convolutions: A has r*k*kernel values, not r*k)")
+    if ranked and any(g["kind"] == "parameter" for g in lora["groups"]):
+        print("  (parameters, target_parameters: r per expert, E*r(k+d) values for E experts)")
     if cfg.get("use_dora"):
         print("  (DoRA: each also trains a magnitude per output, d values)")
     labels = {"modules_to_save_params": "in modules_to_save copies", "bias_params": "in trainable biases"}

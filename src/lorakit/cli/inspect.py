@@ -51,6 +51,7 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
     from lorakit.config import PeftConfig
     from lorakit.errors import AdapterFileError
     from lorakit.persistence import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter_weights
+    from lorakit.tuners.lora.param_names import parameter_ranks, strip_wrappers
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -79,12 +80,12 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
         entry = modules.setdefault(name, {"params": 0, "rank": None})
         entry["params"] += int(torch.Size(shape).numel())
         rank = config.rank_of(parts[at], shape)
-        if rank is not None:
+        if rank is not None and not parameter_ranks(config, name):  # a parameter's factors: r rows per expert
             entry["rank"] = rank
 
     by_type: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "ranks": set(), "layers": set()})
     for name, entry in modules.items():
-        t = by_type[name.rsplit(".", 1)[-1]]
+        t = by_type[strip_wrappers(name).rsplit(".", 1)[-1]]  # nested target_parameters layers: their module
         t["count"] += 1
         t["ranks"].add(entry["rank"])
         layer = _LAYER.findall(name)
@@ -100,6 +101,7 @@ def summarize(folder: str | os.PathLike) -> dict[str, Any]:
         "base_model": config.base_model_name_or_path,
         "config": json.loads(config.to_json()),
         "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        "target_parameters": getattr(config, "target_parameters", None),
         "modules_adapted": len(modules),
         "modules": modules,
         "by_module": {
@@ -139,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if in_model:
         targets = info["target_modules"] if info["target_modules"] is not None else "(placed by the method)"
         print(f"targets      {targets}  -> {info['modules_adapted']} modules")
+        if info["target_parameters"]:
+            print(f"             + target_parameters {info['target_parameters']} (r per expert: E*r rows in lora_A)")
     for name in in_model:
         t = info["by_module"][name]
         ranks = f"rank {','.join(map(str, t['ranks']))}   " if t["ranks"] else ""

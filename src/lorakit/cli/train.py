@@ -27,6 +27,9 @@ examples:
   # QLoRA with a LoftQ start: A, B fitted to what quantization lost, so training starts nearer the fp32 model
   lorakit train --qlora --loftq --output runs/loftq
 
+  # PiSSA: A, B start at the top-r singular directions of each weight; saved as plain LoRA (rank 2r) for the base
+  lorakit train --init pissa --output runs/pissa
+
   # settings from a YAML file; flags override it
   lorakit train --config run.yaml --lr 5e-4
 
@@ -55,6 +58,7 @@ _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
 def add_parser(sub: Any) -> None:
     from lorakit.training.methods import METHODS, TRAIN_METHODS
+    from lorakit.training.starts import INITS
 
     p = sub.add_parser(
         "train",
@@ -88,6 +92,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         default=S,
         help="DoRA: LoRA plus a trainable magnitude per output feature (arXiv 2402.09353)",
+    )
+    g.add_argument(
+        "--lora-bias",
+        dest="lora_bias",
+        action="store_true",
+        default=S,
+        help="a trainable bias on each B factor (PEFT's lora_bias), merged into the base layer's bias",
     )
     g.add_argument(
         "--qlora",
@@ -135,6 +146,18 @@ def add_parser(sub: Any) -> None:
         help="with --qlora: initialise A, B by LoftQ (one iteration) so that Q + s·BA ≈ W (arXiv 2310.08659)",
     )
     g.add_argument(
+        "--init",
+        "--init-lora-weights",
+        dest="init_lora_weights",
+        metavar="START",
+        default=S,
+        help="how A and B start: "
+        + "; ".join(f"{k}: {v}" for k, v in INITS.items())
+        + "; pissa_niter_K: PiSSA by a randomized SVD with K iterations. pissa/olora train on the residual "
+        "W - s·B0A0 and the adapter is saved converted to plain LoRA of rank 2r for the original base (default: "
+        "default)",
+    )
+    g.add_argument(
         "--gradient-checkpointing",
         dest="gradient_checkpointing",
         action="store_true",
@@ -148,6 +171,25 @@ def add_parser(sub: Any) -> None:
         default=S,
         help="module names (q_proj v_proj ... or comma-separated), a regex, or all-linear "
         "(default: q,k,v,o,gate,up,down projections)",
+    )
+    g.add_argument(
+        "--target-parameters",
+        dest="target_parameters",
+        metavar="NAME",
+        nargs="+",
+        default=S,
+        help="also LoRA on these nn.Parameters (or comma-separated), e.g. mlp.experts.gate_up_proj "
+        "mlp.experts.down_proj: the fused experts of MoE models; rank r per expert (lora only)",
+    )
+    g.add_argument(
+        "--trainable-token-indices",
+        dest="trainable_token_indices",
+        metavar="ID",
+        type=int,
+        nargs="+",
+        default=S,
+        help="also train these rows of the input embedding (e.g. the ids of special tokens added to the "
+        "tokenizer); only those rows are saved (lora only)",
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", dest="learning_rate", type=float, default=S, help="peak learning rate (1e-3)")
@@ -243,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if "target_modules" in overrides:
         overrides["target_modules"] = parse_targets(overrides["target_modules"])
+    if "target_parameters" in overrides:
+        overrides["target_parameters"] = [n for v in overrides["target_parameters"] for n in v.split(",") if n]
     cfg = TrainConfig.from_sources(args.config, overrides)
     if args.no_progress:  # no bar at all: transformers' own ("Loading weights") too
         from transformers.utils import logging as hf_logging

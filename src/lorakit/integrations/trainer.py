@@ -15,7 +15,13 @@ a lorakit model the PEFT treatment on any ``Trainer`` subclass:
   the Trainer does for a PEFT model.
 
 A checkpoint that holds a full state dict instead (written by the plain ``transformers.Trainer``) still resumes,
-through the Trainer's own code. DeepSpeed and FSDP keep the Trainer's own checkpoint paths.
+through the Trainer's own code.
+
+Under accelerate's FSDP (``fsdp_version: 2``, PyTorch's ``fully_shard``), ``save_model`` gathers the adapter tensors
+alone on every process (:func:`lorakit.sharding.whole_adapters`) and rank 0 writes the adapter folder; the frozen
+base is never gathered. A checkpoint also keeps what the Trainer writes for resuming a sharded run (its FSDP model
+and optimizer state, DCP shards with ``SHARDED_STATE_DICT``), and resuming goes through the Trainer's own code.
+FSDP1 (flat parameters) is refused for lorakit models. DeepSpeed keeps the Trainer's own paths.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils.generic import can_return_loss, find_labels
 
 from lorakit.config import CONFIG_NAME
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.model import PeftModel
 from lorakit.persistence import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, adapter_tensors, load_adapter_state, read_adapter
+from lorakit.sharding import whole_adapters
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the pickled TrainingArguments it keeps
 
@@ -91,6 +98,20 @@ def load_adapters_in_place(model: PeftModel, folder: str | os.PathLike) -> list[
     return [name for name, _ in plans]
 
 
+def check_fsdp_version(trainer: Any) -> None:
+    """Refuse FSDP1 for a lorakit model (its flat parameters hide the adapter tensors a save writes).
+
+    Raises:
+        ConfigError: the Trainer's accelerate FSDP plugin is FSDP1; says what to set.
+    """
+    if trainer.is_fsdp_enabled and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ConfigError(
+            "a lorakit model under the Trainer's FSDP needs FSDP2 (PyTorch's fully_shard): set fsdp_version: 2 in "
+            "the accelerate config or TrainingArguments(fsdp_config={'fsdp_version': 2}); FSDP1 flattens "
+            "parameters, and lorakit saves its adapter from the unflattened ones"
+        )
+
+
 class AdapterTrainerMixin:
     """Put before a ``transformers.Trainer`` subclass in the bases: ``class T(AdapterTrainerMixin, Trainer)``.
 
@@ -103,6 +124,7 @@ class AdapterTrainerMixin:
         model = self._lorakit_model()
         if model is None:
             return
+        check_fsdp_version(self)
         base = type(model.get_base_model())
         if self.args.label_names is None:  # the Trainer reads these from the wrapper class; PEFT's from the base's
             self.label_names = find_labels(base)
@@ -121,10 +143,25 @@ class AdapterTrainerMixin:
             return None  # their sharded checkpoints go through the Trainer's own code
         return self._lorakit_model(model)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's ``save_model``; under FSDP, the adapter folder from the gathered adapter tensors alone
+        (every process takes part; rank 0 writes), never the full model's state dict."""
+        model = self._lorakit_model()
+        if model is None or not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        with whole_adapters(model):  # a collective: every process gathers the adapter's shards
+            self._write_adapter_folder(model, output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._own_checkpoints()
         if model is None:
             return super()._save(output_dir, state_dict=state_dict)
+        self._write_adapter_folder(model, output_dir)
+
+    def _write_adapter_folder(self, model: PeftModel, output_dir: str | None) -> None:
+        """Rank 0 writes the adapters and what ``Trainer._save`` writes beside any model."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return

@@ -20,16 +20,24 @@ from lorakit.layers.base import AdapterLayer
 class ModulesToSaveWrapper(AdapterLayer):
     """Holds the original module and one trainable copy per adapter."""
 
+    #: Adapters whose copy is a tied output head sharing the embedding copy's weight (``ensure_weight_tying``).
+    tied_copies: frozenset[str] = frozenset()
+
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
         self.disable_adapters = False
 
-    def add(self, adapter: str) -> None:
+    def add(self, adapter: str, module: nn.Module | None = None) -> None:
+        """Give ``adapter`` a trainable copy of the module, or ``module`` as its copy: a tied output head's, whose
+        weight is the embedding copy's own (``ensure_weight_tying``; trained, and listed among the adapter's
+        parameters, there)."""
         if adapter in self.modules_to_save:
             raise AdapterExistsError(f"adapter {adapter!r} already has a trainable copy of this module")
-        self.modules_to_save[adapter] = copy.deepcopy(self.original_module)
+        self.modules_to_save[adapter] = copy.deepcopy(self.original_module) if module is None else module
+        if module is not None:
+            self.tied_copies = self.tied_copies | {adapter}
         self.adapters_stamp += 1
 
     def adapter_names(self) -> list[str]:
@@ -44,6 +52,8 @@ class ModulesToSaveWrapper(AdapterLayer):
         return f"modules_to_save.{adapter}.{file_key}"
 
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        if adapter in self.tied_copies:  # the embedding copy's weight, listed there
+            return [p for n, p in self.modules_to_save[adapter].named_parameters() if n != "weight"]
         return list(self.modules_to_save[adapter].parameters())
 
     def _runnable(self, held_active: list[str]) -> list[str]:
@@ -69,6 +79,7 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def delete(self, adapter: str) -> None:
         del self.modules_to_save[adapter]
+        self.tied_copies = self.tied_copies - {adapter}
         self._forget(adapter)
 
     def original(self) -> nn.Module:

@@ -17,6 +17,7 @@ from lorakit.errors import ConfigError, suggest
 from lorakit.kbit import QUANT_TYPES
 from lorakit.training.methods import METHODS, TRAIN_METHODS
 from lorakit.training.precision import DTYPES
+from lorakit.training.starts import check_init
 
 #: Optimizers by ``--optim`` name: torch's AdamW, or bitsandbytes' 8-bit / paged variants (QLoRA paper §3).
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -31,6 +32,7 @@ ALIASES = {
     "lr": "learning_rate",
     "dora": "use_dora",
     "optimizer": "optim",
+    "init": "init_lora_weights",
 }
 
 
@@ -47,6 +49,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     use_dora: bool = False  #: DoRA (magnitude × direction, arXiv 2402.09353) instead of plain LoRA
+    lora_bias: bool = False  #: a trainable bias on each B (PEFT's lora_bias), merged into the base layer's bias
     bits: int | None = None  #: quantize the base to 4 (QLoRA: NF4 + double quant) or 8 bits; None keeps it as loaded
     quant_type: str = "nf4"  #: 4-bit code: nf4 (the QLoRA paper's NormalFloat) or fp4
     double_quant: bool = True  #: quantize the 4-bit blocks' scales again (8 bit): ~0.37 fewer bits per weight
@@ -57,9 +60,15 @@ class TrainConfig:
     num_virtual_tokens: int = 20  #: prompt, prefix and P-tuning: virtual tokens the adapter adds
     prompt_init_text: str | None = None  #: prompt tuning: start from this text's token embeddings (else sampled vocab)
     reduction_factor: int = 16  #: bottleneck adapters (houlsby, pfeiffer): hidden size / bottleneck size
+    #: how A and B start: default, gaussian, pissa, pissa_niter_<k>, olora, orthogonal (lorakit.training.starts)
+    init_lora_weights: str = "default"
     loftq: bool = False  #: LoftQ start (arXiv 2310.08659, one iteration): Q + s·BA ≈ W instead of Q + 0
     gradient_checkpointing: bool = False  #: recompute activations in backward: less memory, ~30% more time
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    #: LoRA: also adapt these nn.Parameters (fused MoE experts, e.g. mlp.experts.gate_up_proj), r per expert
+    target_parameters: list[str] | None = None
+    #: LoRA: also train these rows of the input embedding (new special tokens); the file holds only those rows
+    trainable_token_indices: list[int] | None = None
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     #: LoRA+ (arXiv 2402.12354 §4): B factors at lr x this ratio (the paper: 16); None = one lr for all
@@ -167,11 +176,51 @@ class TrainConfig:
             raise ConfigError(f"loftq initialises LoRA adapters, not method {self.method!r}")
         if self.use_dora and self.method != "lora":
             raise ConfigError(f"use_dora applies to method 'lora', not {self.method!r}; drop --dora or --method")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
+        if self.lora_bias and (self.method != "lora" or self.use_dora or self.loftq):
+            raise ConfigError(
+                "lora_bias (--lora-bias) applies to plain LoRA (method 'lora', without --dora or --loftq), as in "
+                f"PEFT; got method={self.method!r}, use_dora={self.use_dora}, loftq={self.loftq}"
+            )
+        check_init(self)
         if self.overflow not in OVERFLOW:
             raise ConfigError(f"overflow {self.overflow!r} is not one of {OVERFLOW}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is empty; give module names, a regex, or 'all-linear'")
+        self._validate_tokens()
+        self._validate_target_parameters()
         self._validate_scale()
+
+    def _validate_target_parameters(self) -> None:
+        names = self.target_parameters
+        if names is None:
+            return
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(
+                f"target_parameters must be a non-empty list of parameter names such as mlp.experts.gate_up_proj, "
+                f"got {names!r}"
+            )
+        if self.method != "lora" or self.use_dora or self.lora_dropout:
+            raise ConfigError(
+                "target_parameters (--target-parameters) applies to plain LoRA without dropout (method 'lora', no "
+                f"--dora, --dropout 0), as in PEFT; got method={self.method!r}, use_dora={self.use_dora}, "
+                f"lora_dropout={self.lora_dropout}"
+            )
+
+    def _validate_tokens(self) -> None:
+        ids = self.trainable_token_indices
+        if ids is None:
+            return
+        if not isinstance(ids, list) or not ids or not all(type(i) is int and i >= 0 for i in ids):
+            raise ConfigError(
+                f"trainable_token_indices must be a non-empty list of token ids (non-negative integers), got {ids!r}"
+            )
+        if self.method != "lora":
+            raise ConfigError(
+                f"trainable_token_indices (--trainable-token-indices) trains embedding rows beside a LoRA adapter; "
+                f"method {self.method!r} has no such option (use --method lora)"
+            )
 
     def _validate_scale(self) -> None:
         """``dtype`` and ``fsdp``, and what each cannot be combined with."""

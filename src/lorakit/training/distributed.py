@@ -62,8 +62,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def teardown(world: World) -> None:
+def teardown(world: World, synchronize: bool = False) -> None:
+    """Leave the process group; with ``synchronize`` (a run that ended cleanly on every process) first wait for
+    all, so that no process tears its connections down while another still uses them."""
     if world.distributed and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -36,15 +36,11 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.persistence import adapter_tensors
+from lorakit.sharding import dtensor_cls as _dtensor_cls
+from lorakit.sharding import full
+from lorakit.sharding import whole_adapters as whole_adapters  # the trainer and its tests use it from here
 from lorakit.training.distributed import World
 from lorakit.tuners.lora.dora import DoraMagnitude
-
-
-def _dtensor_cls() -> type:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
 
 
 def check_world(world: World) -> None:
@@ -122,12 +118,6 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, _dtensor_cls()) else tensor
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (a collective for a DTensor: every process must call it, in the same order)."""
-    tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, _dtensor_cls()) else tensor
-
-
 def place_like(live: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor, the same on every process) sharded as ``live`` is; no communication."""
     if not isinstance(live, _dtensor_cls()):
@@ -136,29 +126,6 @@ def place_like(live: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
     value = value.to(device=live.device, dtype=live.dtype)
     return distribute_tensor(value, live.device_mesh, live.placements, src_data_rank=None)
-
-
-@contextlib.contextmanager
-def whole_adapters(model: Any) -> Iterator[None]:
-    """Inside, the tensors an adapter save writes are whole ``nn.Parameter``s, so ``model.save_pretrained``
-    writes the usual files (a collective on entry: every process must enter, and each gets the whole tensors).
-
-    FSDP2 itself swaps a module's registered parameters between sharded and unsharded; this swaps the adapter's
-    for whole copies and puts the sharded ones back on exit. Nothing may run forward inside.
-    """
-    saved = {id(t) for name in model.peft_config for t in adapter_tensors(model.base_model, name, "auto").values()}
-    swaps = []
-    for module in model.modules():
-        for attr, param in list(module._parameters.items()):
-            if param is not None and id(param) in saved and isinstance(param, _dtensor_cls()):
-                swaps.append((module, attr, param, nn.Parameter(full(param), requires_grad=param.requires_grad)))
-    for module, attr, _, whole in swaps:
-        module._parameters[attr] = whole
-    try:
-        yield
-    finally:
-        for module, attr, sharded, _ in swaps:
-            module._parameters[attr] = sharded
 
 
 class GatheredOptimizer:

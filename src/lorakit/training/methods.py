@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lorakit.config import PeftConfig, TaskType
 from lorakit.errors import ConfigError
+from lorakit.training.starts import lora_init, start_fields
 from lorakit.tuners.adalora import AdaLoraConfig
 from lorakit.tuners.bottleneck import BottleneckConfig
 from lorakit.tuners.ia3 import IA3Config
@@ -53,7 +54,17 @@ def _common(cfg: TrainConfig) -> dict[str, Any]:
 
 def lora_config(cfg: TrainConfig, model: Any, total_steps: int) -> LoraConfig:
     """LoRA (or DoRA with ``use_dora``) at rank ``r`` on ``target_modules``."""
-    return LoraConfig(r=cfg.r, use_dora=cfg.use_dora, **_common(cfg))
+    init = lora_init(cfg.init_lora_weights)
+    return LoraConfig(
+        r=cfg.r,
+        use_dora=cfg.use_dora,
+        lora_bias=cfg.lora_bias,
+        init_lora_weights=init,
+        **start_fields(cfg.init_lora_weights),
+        trainable_token_indices=cfg.trainable_token_indices,
+        target_parameters=cfg.target_parameters,
+        **_common(cfg),
+    )
 
 
 def adalora_config(cfg: TrainConfig, model: Any, total_steps: int) -> AdaLoraConfig:
@@ -151,7 +162,8 @@ def _describe_prompt_tuning(cfg: TrainConfig, config: PeftConfig) -> str:
 
 
 def _describe_lora(cfg: TrainConfig, config: PeftConfig) -> str:
-    return f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.lora_alpha:g}"
+    start = "" if cfg.init_lora_weights == "default" else f", {cfg.init_lora_weights} start"
+    return f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.lora_alpha:g}{start}"
 
 
 def _describe_adalora(cfg: TrainConfig, config: PeftConfig) -> str:

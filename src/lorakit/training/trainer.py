@@ -41,7 +41,6 @@ from lorakit.kbit import (
 )
 from lorakit.layers import kind_for
 from lorakit.targeting import select_targets
-from lorakit.tasks import get_peft_model
 from lorakit.training import checkpoint as ckpt
 from lorakit.training import distributed as dist_utils
 from lorakit.training import fsdp as fsdp_utils
@@ -55,6 +54,7 @@ from lorakit.training.methods import FULL, TITLES, TRAIN_METHODS, adapter_config
 from lorakit.training.optim import _fused_adamw_ok, build_optimizer  # noqa: F401 (their home before optim.py)
 from lorakit.training.output import prepare_output
 from lorakit.training.report import plot_loss, side_by_side, write_metrics
+from lorakit.training.starts import InitialAdapter, create_adapter, rewrites_base
 from lorakit.tuners.lora import LoraConfig
 from lorakit.tuners.lora.loraplus import loraplus_param_groups
 
@@ -64,7 +64,8 @@ RESUME_KEYS = [
     "loftq", "init_r", "tinit", "tfinal", "orth_reg_weight", "num_virtual_tokens", "prompt_init_text",
     "reduction_factor", "target_modules", "learning_rate", "weight_decay",
     "optim", "global_batch", "max_length", "overflow", "seed", "scheduler", "warmup_steps", "max_grad_norm",
-    "total_steps", "dtype", "fsdp", "loraplus_ratio",
+    "total_steps", "dtype", "fsdp", "loraplus_ratio", "lora_bias", "init_lora_weights",
+    "trainable_token_indices", "target_parameters",
 ]  # fmt: skip
 
 
@@ -128,6 +129,7 @@ class Trainer:
         self._log = log
         self.progress = progress
         self._held: contextlib.ExitStack | None = None  # what run() holds until it ends (the output's lock)
+        self.initial: InitialAdapter | None = None  # the adapter as PiSSA/OLoRA created it (lorakit.training.starts)
 
     def log(self, text: str) -> None:
         if self.world.is_main:
@@ -199,7 +201,7 @@ class Trainer:
             trainable = total = sum(p.numel() for p in self.model.parameters())
             self.log(f"full fine-tuning: {total:,} trainable parameters")
         else:
-            lora = adapter_config(cfg, model, self.total_steps)
+            lora, pad_id = adapter_config(cfg, model, self.total_steps), tokenizer.pad_token_id
             model = model.to(world.device)
             originals = _target_weights(model, lora) if cfg.loftq else None
             if cfg.bits is not None:  # QLoRA: quantize on the training device, then freeze and upcast
@@ -211,7 +213,9 @@ class Trainer:
                 )
             elif cfg.gradient_checkpointing:
                 enable_activation_checkpointing(model)
-            self.model = get_peft_model(model, lora)
+            self.model = create_adapter(model, lora, cfg.init_lora_weights, self.train_set, pad_id, cfg.batch_size)
+            if rewrites_base(cfg.init_lora_weights):
+                self.initial = InitialAdapter(self.model, self._held, world.is_main)
             if originals is not None:  # LoftQ: A, B fitted to W − Q, the base left as quantized
                 t1 = time.perf_counter()
                 fits = replace_lora_weights_loftq(self.model, weights=originals).values()
@@ -407,23 +411,24 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train; the output folder stays locked (:data:`~lorakit.training.output.LOCK_NAME`) until the run ends."""
+        finished = False
         try:
             with contextlib.ExitStack() as self._held:
-                return self._run()
-        finally:
-            dist_utils.teardown(self.world)
+                result = self._run()
+            finished = True
+            return result
+        finally:  # after a clean run every process leaves together (rank 0 may still be writing its files)
+            dist_utils.teardown(self.world, synchronize=finished)
 
     def _run(self) -> TrainResult:
         cfg, world = self.cfg, self.world
         self._load()
+        before = self._evaluate_before() if self.initial else None  # the start is the base until a resume loads
         start, history = self._resume() if cfg.resume else (0, [])
         if cfg.overwrite and not cfg.resume and world.is_main:
             self._set_aside_old_checkpoints()
-
-        before = None
-        if self.eval_set and cfg.eval_before:
-            with self.model.disable_adapter() if cfg.method != FULL else contextlib.nullcontext():
-                before = self._evaluate("before training (base model)")
+        if not self.initial:
+            before = self._evaluate_before()
         dist_utils.barrier(world)
 
         net: Any = self.model
@@ -496,7 +501,19 @@ class Trainer:
             self.log(f"metrics: {self.output}/metrics.json   loss curve: {self.output}/loss.png")
         return TrainResult(self.output, step, metrics=metrics)
 
+    def _evaluate_before(self) -> Any:
+        if not (self.eval_set and self.cfg.eval_before):
+            return None
+        # the adapter as PiSSA/OLoRA created it computes the base model (disabled, the model is the residual)
+        plain = self.cfg.method == FULL or self.initial is not None
+        with contextlib.nullcontext() if plain else self.model.disable_adapter():
+            return self._evaluate("before training (base model)")
+
     def _save_final(self) -> None:
+        if self.initial is not None:
+            self.initial.save(self.model, self.output)  # plain LoRA of rank 2r for the original base
+            self.log(f"{self.cfg.init_lora_weights} adapter saved as plain LoRA of rank {2 * self.cfg.r} for the base")
+            return
         if self.cfg.method != FULL:
             self.model.save_pretrained(self.output)  # adapter files, each replaced atomically
             return

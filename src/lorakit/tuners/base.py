@@ -30,12 +30,14 @@ from lorakit.errors import (
 )
 from lorakit.kbit import forget_quantization
 from lorakit.layers import AdapterLayer, ModulesToSaveWrapper, kind_for
-from lorakit.layers.base import ActiveAdapters, check_adapter_name
+from lorakit.layers.base import ActiveAdapters, WeightLayer, check_adapter_name
 from lorakit.layers.kinds import supported_type_names
 from lorakit.layers.quantized import guard_model_repacking
 from lorakit.layers.routing import BASE_ROW, RowRouting, routed
 from lorakit.targeting import select_targets
 from lorakit.tuners.modules_to_save import add_modules_to_save, inside_adapter_layer
+from lorakit.tuners.trainable_tokens.auxiliary import add_trainable_tokens
+from lorakit.undo import offer
 
 
 def _bias(config: PeftConfig) -> str:
@@ -154,6 +156,13 @@ class BaseTuner(Tuner):
             if isinstance(module, self.layer_type):
                 yield name, module
 
+    def merging_layers(self) -> Iterator[tuple[str, WeightLayer]]:
+        """The layers that merge into base weights: the method's own and auxiliary ones (LoRA's trainable token
+        rows, :mod:`lorakit.tuners.trainable_tokens`)."""
+        for name, module in self.adapter_layers():
+            if isinstance(module, WeightLayer):
+                yield name, module
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active.names)
@@ -204,11 +213,13 @@ class BaseTuner(Tuner):
             for plan in plans:
                 self._create_and_replace(plan, adapter_name, config)
             self._add_modules_to_save(adapter_name, config)
+            add_trainable_tokens(self.model, self._active, adapter_name, config, self._adapter_dtype)
             self._after_inject(adapter_name, config)
         except BaseException:
             self.remove_adapter_layers(adapter_name)
             undo()
             raise
+        offer(undo)  # a load still running keeps it, to put the base back if its file is refused
         self._freeze_all()
         guard_model_repacking(self.model)
         self.set_adapter([a for a in self.active_adapters if a in self.peft_config])
@@ -228,7 +239,7 @@ class BaseTuner(Tuner):
         module = self.model.get_submodule(name)
         held = isinstance(module, self.layer_type)
         base = module.base_layer if held else module
-        kind = module.kind if held else kind_for(module)
+        kind = module.kind if held else self._kind_for(module)
         if kind is None:
             raise UnsupportedModuleError(
                 f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}, which "
@@ -239,6 +250,10 @@ class BaseTuner(Tuner):
             raise AdapterExistsError(f"module {name!r} already holds an adapter named {adapter_name!r}")
         kind.features(base)  # raises early for unsupported geometry (e.g. grouped convolutions)
         return name, module, kind
+
+    def _kind_for(self, module: nn.Module) -> Any:
+        """The kind the method's layer holds for ``module`` (None: it cannot wrap it); LoRA extends the geometry."""
+        return kind_for(module)
 
     def _before_inject(self, plans: list[tuple[str, nn.Module, Any]], config: PeftConfig) -> Callable[[], None]:
         """Keep what the injection may change outside the adapter's own layers; returns what restores it."""
@@ -314,7 +329,7 @@ class BaseTuner(Tuner):
     def remove_adapter_layers(self, adapter_name: str) -> None:
         """Delete ``adapter_name`` from every layer; layers left with no adapter give back their original."""
         self._structure_changed()
-        for name, layer in list(self.adapter_layers()):
+        for name, layer in reversed(list(self.adapter_layers())):  # innermost first: nested layers keep their names
             if adapter_name in layer.adapter_names():
                 layer.delete(adapter_name)
             if not layer.adapter_names():
@@ -462,7 +477,7 @@ class BaseTuner(Tuner):
                 "adapter_names mixes adapters that train whole modules (modules_to_save); a batch can mix adapters "
                 "whose changes are all low-rank. Run these rows in separate batches with set_adapter"
             )
-        layers = [layer for layer in wrappers if isinstance(layer, self.layer_type)]
+        layers = [w for w in wrappers if isinstance(w, (self.layer_type, WeightLayer))]  # token rows route too
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
@@ -470,7 +485,7 @@ class BaseTuner(Tuner):
             yield
 
     def _refuse_merged(self) -> None:
-        merged = sorted({a for _, layer in self.weight_layers() for a in layer.merged_adapters})
+        merged = sorted({a for _, layer in self.merging_layers() for a in layer.merged_adapters})
         if merged:
             raise MergeError(
                 f"adapters {merged} are merged into the base weights; call unmerge_adapter() before disabling them"
@@ -509,7 +524,7 @@ class BaseTuner(Tuner):
                 quantized (found before anything is written); the model is unchanged.
         """
         names = self._merge_names(adapter_names, safe_merge)
-        layers = [layer for _, layer in self.weight_layers()]
+        layers = [layer for _, layer in self.merging_layers()]
         for layer in layers:  # a quantized base is refused before any layer is written, safe_merge or not
             layer.refuse_quantized_merge(names)
         for layer in layers:
@@ -528,7 +543,7 @@ class BaseTuner(Tuner):
         for name in names:
             self._check_adapter(name)
         if safe_merge:
-            for module_name, layer in self.weight_layers():
+            for module_name, layer in self.merging_layers():
                 try:
                     layer.check_merge(names, dequantize=dequantize, dtype=dequantize_dtype)
                 except MergeError as error:
@@ -536,7 +551,7 @@ class BaseTuner(Tuner):
         return names
 
     def unmerge(self) -> None:
-        for _, layer in self.weight_layers():
+        for _, layer in self.merging_layers():
             layer.unmerge()
 
     def unload(
@@ -557,13 +572,13 @@ class BaseTuner(Tuner):
         if merge:
             # refuse before dequantizing anything; with safe_merge every merged weight is checked here
             names = self._merge_names(adapter_names, safe_merge, dequantize=True, dequantize_dtype=dequantize_dtype)
-            for _, layer in self.weight_layers():
+            for _, layer in self.merging_layers():
                 layer.dequantize(dequantize_dtype)
-            for _, layer in self.weight_layers():
+            for _, layer in self.merging_layers():
                 layer.merge(names, safe_merge=safe_merge)
         else:
             self.unmerge()
-        for name, layer in list(self.adapter_layers()):
+        for name, layer in reversed(list(self.adapter_layers())):  # innermost first: nested layers keep their names
             if isinstance(layer, ModulesToSaveWrapper) and merge:
                 replacement = layer.active_module()
             else:

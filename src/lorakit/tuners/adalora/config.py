@@ -91,6 +91,11 @@ class AdaLoraConfig(LoraConfig):
             raise ConfigError("AdaLoRA does not combine with DoRA (use_dora=True); use LoraConfig for DoRA")
         if self.init_lora_weights == "loftq":
             raise ConfigError("AdaLoRA does not combine with LoftQ; use LoraConfig for init_lora_weights='loftq'")
+        if self.lora_bias:
+            raise ConfigError(
+                "AdaLoRA does not combine with lora_bias=True (PEFT's AdaLoRA layers give B no bias and ignore the "
+                "flag); use LoraConfig for a bias on B"
+            )
         if self.r != 8:
             warnings.warn(f"AdaLoRA ignores r={self.r}; every layer starts at init_r={self.init_r}", stacklevel=3)
 

@@ -12,7 +12,11 @@ export reuse LoRA's code unchanged; this variant only adds E, folds it in, and c
 (:func:`truncate`). The schedule that decides which triplets to keep lives in :mod:`lorakit.tuners.adalora.model`.
 
 Files use PEFT's AdaLoRA keys, ``<module>.lora_A`` / ``lora_B`` / ``lora_E`` (bare tensors, no ``.weight``).
-Supported base layers: the linear kinds (``nn.Linear``, transformers ``Conv1D``, bitsandbytes 4/8-bit).
+Supported base layers, as in PEFT 0.21: the linear kinds (``nn.Linear``, transformers ``Conv1D``, bitsandbytes
+4/8-bit) and ``nn.Conv2d`` with ``groups=1`` (PEFT's ``SVDConv2d``). On a convolution A is the flat matrix
+``(r, in·kh·kw)`` and B ``(out, r)`` (PEFT's shapes), and the update is the convolution of the input with
+ΔW reshaped to the kernel ``(out, in, kh, kw)``. ``nn.Conv1d``/``Conv3d`` and grouped convolutions are refused
+(PEFT refuses the former and cannot reshape ΔW for the latter).
 """
 
 from __future__ import annotations
@@ -49,11 +53,15 @@ class AdaLoraVariant(LoraVariant):
     containers: ClassVar[dict[str, type[nn.Module]]] = {"lora_E": nn.ParameterDict, "ranknum": nn.ParameterDict}
 
     def attach(self, layer: LoraLayer, adapter: str) -> None:
-        if layer.kind.name not in SVD_KINDS:
+        if layer.kind.name not in SVD_KINDS and not _svd_conv(layer):
+            base = layer.base_layer
+            grouped = f" with groups={base.groups}" if isinstance(base, nn.Conv2d) else ""
             raise UnsupportedModuleError(
-                f"AdaLoRA adapts linear layers (nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit), not "
-                f"{type(layer.base_layer).__name__}; narrow target_modules to linear layers"
+                f"AdaLoRA adapts linear layers (nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit) and nn.Conv2d "
+                f"with groups=1, as PEFT does; not {type(base).__name__}{grouped}. Narrow target_modules to those"
             )
+        if _svd_conv(layer):  # PEFT's SVDConv2d: flat A (r, in·kh·kw) and B (out, r), whatever LoRA's kind made
+            _set_factors(layer, adapter, layer.r[adapter])
         a, b = layer.kind.factor_params(layer, adapter)
         r = layer.r[adapter]
         layer.scaling[adapter] = adalora_scaling(layer.lora_alpha[adapter], r)
@@ -91,8 +99,12 @@ class AdaLoraVariant(LoraVariant):
         return a * layer.lora_E[adapter], b
 
     def add_output(self, layer: LoraLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors(layer, adapter)  # (r, in), (out, r)
         x = layer.lora_dropout[adapter](x)
+        if _svd_conv(layer):  # the input convolved with ΔW = s·B (A ⊙ E) in the kernel's shape (PEFT's SVDConv2d)
+            delta = layer.delta_weight(adapter)
+            update = layer.base_layer._conv_forward(x.to(delta.dtype), delta, None)
+            return result + update.to(result.dtype)
+        a, b = self.factors(layer, adapter)  # (r, in), (out, r)
         update = F.linear(F.linear(x.to(a.dtype), a), b)
         return torch.add(result, update.to(result.dtype), alpha=layer.scaling[adapter])
 
@@ -111,11 +123,7 @@ def truncate(layer: LoraLayer, adapter: str, keep: torch.Tensor) -> None:
     if keep.numel() != e.shape[0]:
         raise ValueError(f"mask of {keep.numel()} triplets for an adapter of rank {e.shape[0]}")
     idx = keep.nonzero().view(-1).to(a.device)
-    new_a, new_b = layer.kind.create(layer, adapter, int(idx.numel()))
-    new_a, new_b = new_a.to(device=a.device, dtype=a.dtype), new_b.to(device=b.device, dtype=b.dtype)
-    a_name, b_name = layer.kind.containers
-    getattr(layer, a_name)[adapter] = new_a
-    getattr(layer, b_name)[adapter] = new_b
+    _set_factors(layer, adapter, int(idx.numel()))
     fresh_a, fresh_b = layer.kind.factor_params(layer, adapter)
     fresh_a.copy_(a.index_select(0, idx))
     fresh_b.copy_(b.index_select(1, idx))
@@ -124,6 +132,27 @@ def truncate(layer: LoraLayer, adapter: str, keep: torch.Tensor) -> None:
     fresh_b.requires_grad_(b.requires_grad)
     layer.r[adapter] = int(idx.numel())
     layer.adapters_stamp += 1
+
+
+def _svd_conv(layer: LoraLayer) -> bool:
+    """Whether ``layer`` is a convolution AdaLoRA adapts (``nn.Conv2d``, groups=1: PEFT's ``SVDConv2d``)."""
+    base = layer.base_layer
+    return layer.kind.name == "conv" and type(base) is nn.Conv2d and base.groups == 1
+
+
+def _set_factors(layer: LoraLayer, adapter: str, r: int) -> None:
+    """New A and B factor modules of rank ``r`` for ``adapter`` (values to be written by the caller), on the old
+    ones' device and dtype: the kind's own, or for a convolution the flat ``Linear(in·kh·kw, r)`` and
+    ``Linear(r, out)`` whose weights are PEFT's ``(r, in·kh·kw)`` and ``(out, r)``."""
+    a, b = layer.kind.factor_params(layer, adapter)
+    if _svd_conv(layer):
+        fan_in = layer.base_layer.weight[0].numel()
+        new_a, new_b = nn.Linear(fan_in, r, bias=False), nn.Linear(r, layer.out_features, bias=False)
+    else:
+        new_a, new_b = layer.kind.create(layer, adapter, r)
+    a_name, b_name = layer.kind.containers
+    getattr(layer, a_name)[adapter] = new_a.to(device=a.device, dtype=a.dtype)
+    getattr(layer, b_name)[adapter] = new_b.to(device=b.device, dtype=b.dtype)
 
 
 VARIANTS["adalora"] = AdaLoraVariant()  # LoRA's layer runs AdaLoRA adapters through this variant

@@ -380,10 +380,11 @@ class AdaLoraModel(LoraModel):
                 continue
             ranks[name] = r
             s_lora = config.lora_alpha / r
-            tensors[name] = {
-                "lora_A.weight": (a * e).detach().clone(),
-                "lora_B.weight": (b * (layer.scaling[adapter_name] / s_lora)).detach().clone(),
-            }
+            a_lora, b_lora = a * e, b * (layer.scaling[adapter_name] / s_lora)
+            if layer.kind.name == "conv":  # LoRA's conv factors: A (r, in, kh, kw), B (out, r, 1, 1)
+                kernel = layer.base_layer.weight.shape
+                a_lora, b_lora = a_lora.reshape(r, *kernel[1:]), b_lora.reshape(*b_lora.shape, 1, 1)
+            tensors[name] = {"lora_A.weight": a_lora.detach().clone(), "lora_B.weight": b_lora.detach().clone()}
         if not ranks:
             raise ConfigError(f"adapter {adapter_name!r} kept no triplet anywhere: its update is zero")
         common = max(set(ranks.values()), key=list(ranks.values()).count)

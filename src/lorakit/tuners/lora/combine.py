@@ -16,6 +16,11 @@ Differences from PEFT, on purpose: TIES elects signs on the *weighted* tensors (
 negatively weighted adapter vote with its original sign); the new adapter has s = 1 whatever ``use_rslora`` said
 (PEFT keeps rsLoRA and so scales the result by √r); DoRA adapters combine through their whole update (``svd``
 family) and are refused by the factor-wise methods, which cannot express a rescaled direction.
+
+Adapters with a bias on B (``lora_bias``) combine exactly with ``cat`` and ``svd``, whose results are sums of the
+sources' outputs: the new B's bias is ``Σ w_i s_i b_i`` (PEFT leaves it at zero, dropping the sources' biases);
+the entry-wise methods have no counterpart for a bias and refuse them. Grouped convolutions are refused: their
+block-diagonal B has no place in the concatenation or the SVD.
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ def add_weighted_adapter(
         use_rslora=False,
         use_dora=False,
         dora_grad_through_norm=False,
+        lora_bias=any(configs[a].lora_bias for a in adapters),
         init_lora_weights=True,
         loftq_config={},
         target_modules=target_modules,
@@ -176,6 +182,22 @@ def _check(
                 f"equal; got {dict(zip(adapters, ranks))}. Use 'cat' or 'svd' for adapters of different ranks"
             )
         new_rank = ranks[0]
+    biased = [a for a in adapters if configs[a].lora_bias]
+    if biased and combination_type not in ("cat", "svd"):
+        raise ConfigError(
+            f"adapters {biased} have a bias on B (lora_bias=True), which {combination_type!r} (entry by entry) cannot "
+            "combine; use combination_type='cat' or 'svd', whose bias is the weighted sum of the sources' s·b_B"
+        )
+    grouped = sorted(
+        name
+        for name, layer in lora_model.lora_layers()
+        if getattr(layer.base_layer, "groups", 1) > 1 and any(a in layer.r for a in adapters)
+    )
+    if grouped:
+        raise ConfigError(
+            f"the adapters sit on grouped convolutions ({grouped[0]!r}…), whose block-diagonal B no combination "
+            "can hold; combine adapters that do not target them"
+        )
     dora = [a for a in adapters if configs[a].use_dora]
     if dora and not combination_type.endswith("svd"):
         raise ConfigError(
@@ -227,3 +249,9 @@ def _fill(
         b_cols = merge_task_tensors(method, [p[1].float() for p in parts], w_b, density, sign_method)
     a_new.copy_(a_rows.reshape(a_new.shape))
     b_new.copy_(b_cols.reshape(b_new.shape))
+    b_bias = layer.kind.b_bias(layer, new)
+    if b_bias is not None:  # cat / svd only: the outputs add up, and so do the biases (the new scale is 1)
+        biases = [(layer.kind.b_bias(layer, a), w * layer.scaling[a]) for a, w in present]
+        b_bias.copy_(
+            sum((b.float() * c for b, c in biases if b is not None), torch.zeros_like(b_bias, dtype=torch.float32))
+        )

@@ -32,3 +32,24 @@ def lora_delta(lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float | torc
         ``(d, k)`` tensor in the factors' dtype. Callers reshape it into their base weight's layout.
     """
     return (lora_B @ lora_A) * scaling
+
+
+def add_lora_delta(
+    weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, scaling: float | torch.Tensor
+) -> torch.Tensor:
+    """``weight + s · B A``: :func:`lora_delta` added to a weight in one fused multiply-add (``addmm``, or
+    ``baddbmm`` for a stack), so no separate ΔW the size of the weight is made: a whole stack of MoE experts.
+
+    Args:
+        weight: ``(d, k)``, or ``(E, d, k)`` for E matrices at once (one per expert).
+        lora_B: ``(d, r)`` / ``(E, d, r)``, in ``weight``'s dtype.
+        lora_A: ``(r, k)`` / ``(E, r, k)``, in ``weight``'s dtype.
+        scaling: s (a 0-d tensor on a layer prepared for compiled hot-swapping).
+
+    Returns:
+        A new tensor shaped as ``weight`` (``weight`` is not changed).
+    """
+    if isinstance(scaling, torch.Tensor):  # ``alpha=`` takes numbers only
+        lora_B, scaling = lora_B * scaling.to(lora_B.dtype), 1.0
+    fused = torch.baddbmm if weight.dim() == 3 else torch.addmm
+    return fused(weight, lora_B, lora_A, alpha=scaling)

@@ -38,6 +38,7 @@ from lorakit.tuners.lora.config import LoraConfig
 from lorakit.tuners.lora.delta import lora_scaling
 from lorakit.tuners.lora.layer import LoraLayer
 from lorakit.tuners.lora.model import LoraModel
+from lorakit.tuners.lora.param_wrapper import ParamLoraLayer
 
 #: Where each factor keeps its rank, for every layer kind: A ``(r, in, …)`` in dim 0, B ``(out, r, …)`` in dim 1.
 RANK_DIMS = (0, 1)
@@ -60,6 +61,11 @@ def _check_plain(tuner: LoraModel, name: str, layer: LoraLayer, adapter: str) ->
     config = tuner.peft_config.get(adapter)
     if config is not None and config.peft_type != PeftType.LORA:
         raise ConfigError(f"adapter {adapter!r} has peft_type={config.peft_type.value}; hot-swapping supports LORA")
+    if isinstance(layer, ParamLoraLayer):  # r rows per expert: padding or copying a rank would mix experts
+        raise ConfigError(
+            f"adapter {adapter!r} adapts parameter {layer.parameter_name!r} of {name!r} (target_parameters); "
+            "hot-swapping supports target_modules adapters only: load the adapter with load_adapter instead"
+        )
     variant = layer.variant[adapter].name
     if variant != "lora":
         raise ConfigError(
@@ -174,6 +180,12 @@ def _pad(layer: LoraLayer, adapter: str, rank: int) -> None:
     layer.adapters_stamp += 1  # reshaped: caches keyed on the adapters (mixed batches) rebuild
 
 
+def _cannot_pad(layer: Any) -> bool:
+    """Layers whose factors :func:`_pad` does not lay out (grouped convolutions, MultiheadAttention)."""
+    base = layer.base_layer
+    return isinstance(base, nn.MultiheadAttention) or getattr(base, "groups", 1) > 1
+
+
 def prepare_model_for_compiled_hotswap(
     model: nn.Module,
     *,
@@ -223,6 +235,14 @@ def prepare_model_for_compiled_hotswap(
             raise ShapeMismatchError(
                 f"target_rank={target_rank} is below the rank of adapter {adapter!r} on {name!r} (r={r}); accepted: "
                 f"target_rank >= {max(r for *_, r in above)}, the largest rank of any adapter to be swapped in"
+            )
+        unpaddable = [(name, type(layer.base_layer).__name__) for name, layer, _ in held if _cannot_pad(layer)]
+        if unpaddable:
+            raise ConfigError(
+                f"target_rank cannot pad the adapter on {unpaddable[0][0]!r} ({unpaddable[0][1]}): rank "
+                "padding covers linear, Conv1D, embedding and ungrouped convolution layers, not grouped "
+                "convolutions (B's grouped channels) or nn.MultiheadAttention (its out_proj factors); swap adapters "
+                "of one rank there and leave target_rank=None"
             )
     for _, layer, adapter in held:
         if target_rank is not None:

@@ -6,14 +6,17 @@ create, how they are initialised, how they flatten to the matrices of :func:`~lo
 how ΔW maps back onto the base weight's layout, and how the adapter's output is added (and, for ``nn.Linear``,
 fused with the base GEMM). :func:`lora_kind` combines the two for a layer.
 
-=====================  =====================  ========================
+=====================  =====================  ===============================
 base layer             lora A                 lora B
-=====================  =====================  ========================
+=====================  =====================  ===============================
 ``nn.Linear``          ``Linear(in, r)``      ``Linear(r, out)``
 transformers Conv1D    ``Linear(in, r)``      ``Linear(r, out)``
 ``nn.Embedding``       ``Parameter(r, num)``  ``Parameter(dim, r)``
-``nn.ConvNd``          ``ConvNd(in, r, k)``   ``ConvNd(r, out, 1)``
-=====================  =====================  ========================
+``nn.ConvNd``          ``ConvNd(in, r, k)``   ``ConvNd(r, out, 1, groups=g)``
+=====================  =====================  ===============================
+
+``lora_bias=True`` (PEFT's option) gives B a bias b_B on the kinds whose B is a module (linear, Conv1D,
+convolutions): the update becomes ``s·(B A x + b_B)`` and merging adds ``s·b_B`` to the base layer's bias.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import ConfigError, MergeError, UnsupportedModuleError
 from lorakit.layers.kinds import ConvKind, EmbeddingKind, HFConv1DKind, LayerKind, LinearKind
 from lorakit.layers.quantized import QuantizedLinearKind, guard_cpu_repacking, is_bnb_layer
 from lorakit.tuners.lora.fused import DoraLinearFunction, LoraLinearFunction
@@ -63,6 +67,59 @@ class LoraOps:
     drops_input = True
     #: Whether :meth:`fused_forward` can ever return a result (so callers skip preparing its inputs).
     has_fused_forward = False
+    #: Whether B can carry a bias (``lora_bias=True``): the kinds whose B is a module, as in PEFT.
+    supports_lora_bias = True
+
+    def check_adapter(self, layer: LoraLayer, r: int, variant: str, init: bool | str, lora_bias: bool) -> None:
+        """Refuse, before the layer changes, an adapter this kind cannot hold (``variant``: "lora", "dora"...).
+
+        Raises:
+            UnsupportedModuleError: ``lora_bias`` on a kind without a B module, or with a variant other than
+                plain LoRA (on the same layer too: DoRA's rescale would treat an unmerged and a merged b_B alike).
+        """
+        if not lora_bias and variant == "lora":
+            return
+        base = type(layer.base_layer).__name__
+        if lora_bias and not self.supports_lora_bias:
+            raise UnsupportedModuleError(
+                f"lora_bias=True is not supported on {base} (as in PEFT); accepted: nn.Linear, transformers Conv1D "
+                "and nn.Conv1d/2d/3d targets. Narrow target_modules or set lora_bias=False"
+            )
+        forms = {layer.variant[a].name for a in layer.r}
+        if (lora_bias and (variant != "lora" or "dora" in forms)) or (
+            variant == "dora" and any(self.b_bias(layer, a) is not None for a in layer.r)
+        ):
+            raise UnsupportedModuleError(
+                f"lora_bias=True combines with plain LoRA adapters only; this {base} would hold a {variant!r} adapter "
+                f"and a bias on B together (its adapters: {forms or 'none'}). Put them on separate layers or models"
+            )
+
+    def b_bias(self, layer: LoraLayer, adapter: str) -> nn.Parameter | None:
+        """B's bias b_B (``lora_bias=True``), or None."""
+        holder = getattr(layer, self.containers[1])[adapter]
+        return None if isinstance(holder, nn.Parameter) else getattr(holder, "bias", None)
+
+    def attach_lora_bias(self, layer: LoraLayer, adapter: str, init: bool | str) -> None:
+        """Give B a bias ``(out,)``: zero (the model starts unchanged), or with ``init=False`` torch's default draw
+        U(±1/√fan_in) (PEFT leaves B's ``nn.Linear``/``nn.ConvNd`` init in place then)."""
+        b = getattr(layer, self.containers[1])[adapter]
+        w = b.weight
+        bias = torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+        if init is False:
+            bound = 1.0 / math.sqrt(w[0].numel())
+            nn.init.uniform_(bias, -bound, bound)
+        b.bias = nn.Parameter(bias)
+
+    def refuse_merge(self, layer: LoraLayer, pending: list[str]) -> None:
+        """Raise :class:`MergeError` if merging ``pending`` cannot be expressed in the base layer: a bias on B and no
+        base bias to fold it into (PEFT refuses this merge as well). Nothing is changed."""
+        if getattr(layer.base_layer, "bias", None) is None:
+            with_bias = [a for a in pending if self.b_bias(layer, a) is not None]
+            if with_bias:
+                raise MergeError(
+                    f"adapters {with_bias} have a bias on B (lora_bias=True) but the base "
+                    f"{type(layer.base_layer).__name__} has no bias to merge it into; keep them unmerged"
+                )
 
     def create(self, layer: LoraLayer, adapter: str, r: int) -> tuple[nn.Module | nn.Parameter, ...]:
         """New ``(A, B)`` factor holders for one adapter (not yet registered)."""
@@ -129,6 +186,9 @@ class LinearOps(LoraOps):
             x = layer.lora_dropout[adapter](x)
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
+        b_bias = self.b_bias(layer, adapter)
+        if b_bias is not None:  # lora_bias: s·(B A x + b_B), PEFT's lora_B(lora_A(x)) * scaling
+            return _add_scaled(result, F.linear(F.linear(x, a), b, b_bias), layer.scaling[adapter])
         h, scaling = _fold_scaling(F.linear(x, a), layer.scaling[adapter])  # (..., r)
         if result.dtype == h.dtype and result.dim() >= 2:
             # One GEMM that also does the scale and the add: result + s·(h Bᵀ), no (..., out) temporaries.
@@ -152,6 +212,8 @@ class LinearOps(LoraOps):
             return None
         dropout = layer.lora_dropout[adapter]
         if dropout.training and not isinstance(dropout, nn.Identity) and dropout.p > 0:
+            return None
+        if self.b_bias(layer, adapter) is not None:  # lora_bias: the generic path (the kernels add no b_B)
             return None
         a = layer.lora_A[adapter].weight
         b = layer.lora_B[adapter].weight
@@ -213,6 +275,7 @@ class EmbeddingOps(LoraOps):
 
     containers = ("lora_embedding_A", "lora_embedding_B")
     drops_input = False
+    supports_lora_bias = False  # B is a bare parameter (PEFT refuses lora_bias on embeddings too)
 
     def create(self, layer: LoraLayer, adapter: str, r: int) -> tuple[nn.Parameter, nn.Parameter]:
         return nn.Parameter(torch.randn(r, layer.in_features)), nn.Parameter(torch.randn(layer.out_features, r))
@@ -240,7 +303,40 @@ class EmbeddingOps(LoraOps):
 
 
 class ConvOps(LoraOps):
-    """``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel into r channels, B a 1×…×1 one."""
+    """``nn.Conv1d/2d/3d``: A is a convolution with the base's kernel into r channels, B a 1×…×1 one.
+
+    Grouped convolutions (``groups = g > 1``) follow PEFT 0.21: A stays a full convolution (every input channel
+    to the r rank channels) and B is grouped, ``ConvNd(r, out, 1, groups=g)`` with weight ``(out, r/g, 1, …)``,
+    so r must be a multiple of g. The update then mixes input channels across groups, which a grouped weight
+    ``(out, in/g, k…)`` cannot hold: such adapters run unmerged, and merging them is refused (as in PEFT). As a
+    matrix, B is block-diagonal ``(out, r)`` (:meth:`factors`).
+    """
+
+    def features(self, base: nn.Module) -> tuple[int, int]:
+        return base.in_channels, base.out_channels  # groups allowed: see the class docstring
+
+    def check_adapter(self, layer: LoraLayer, r: int, variant: str, init: bool | str, lora_bias: bool) -> None:
+        """Besides LoRA's checks, on a grouped convolution: r a multiple of ``groups``, plain LoRA, a plain start.
+
+        Raises:
+            ConfigError: r is not a multiple of ``groups``.
+            UnsupportedModuleError: DoRA/AdaLoRA or a start that reads the weight on a grouped convolution.
+        """
+        super().check_adapter(layer, r, variant, init, lora_bias)
+        groups = layer.base_layer.groups
+        if groups == 1:
+            return
+        base = f"{type(layer.base_layer).__name__} with groups={groups}"
+        if r % groups:
+            raise ConfigError(
+                f"rank {r} on a {base}: the rank must be a multiple of groups (B is a grouped 1×1 convolution, as in "
+                f"PEFT); accepted: r (or rank_pattern for this layer) in {groups}, {2 * groups}, {3 * groups}, …"
+            )
+        if variant != "lora" or (not any(init is v for v in (True, False)) and init != "gaussian"):
+            raise UnsupportedModuleError(
+                f"a {base} takes plain LoRA adapters with init_lora_weights True, False or 'gaussian'; got "
+                f"variant {variant!r}, init_lora_weights={init!r}. Narrow target_modules to skip this layer"
+            )
 
     def create(self, layer: LoraLayer, adapter: str, r: int) -> tuple[nn.Module, nn.Module]:
         base = layer.base_layer
@@ -255,14 +351,34 @@ class ConvOps(LoraOps):
             bias=False,
             padding_mode=base.padding_mode,
         )
-        b = conv(r, layer.out_features, 1, 1, bias=False)
+        b = conv(r, layer.out_features, 1, 1, groups=base.groups, bias=False)
         return a, b
 
     def factors(self, layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (r, in·k…), B (out, r))``; a grouped B ``(out, r/g)`` becomes its block-diagonal ``(out, r)``."""
         a, b = self.factor_params(layer, adapter)
-        return a.flatten(1), b.flatten(1)  # (r, in·k…), (out, r): B's kernel is 1×…×1
+        groups = layer.base_layer.groups
+        b = b.flatten(1)  # (out, r/g): B's kernel is 1×…×1
+        if groups > 1:
+            b = torch.block_diag(*b.chunk(groups, dim=0))
+        return a.flatten(1), b
+
+    def refuse_merge(self, layer: LoraLayer, pending: list[str]) -> None:
+        super().refuse_merge(layer, pending)
+        groups = layer.base_layer.groups
+        if groups > 1 and pending:
+            raise MergeError(
+                f"adapters {pending} sit on a {type(layer.base_layer).__name__} with groups={groups}: their update "
+                "mixes input channels across groups (A is a full convolution, as in PEFT), which the grouped weight "
+                "cannot hold, so they cannot be merged (PEFT refuses too); keep them unmerged"
+            )
 
     def to_weight_layout(self, delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if base.groups > 1:
+            raise MergeError(
+                f"a LoRA update of a {type(base).__name__} with groups={base.groups} has no form in its grouped "
+                "weight (the update mixes channels across groups); it runs unmerged only"
+            )
         return delta.view(base.weight.shape)
 
     def channel_shape(self, layer: LoraLayer) -> tuple[int, ...]:
@@ -277,7 +393,7 @@ class ConvOps(LoraOps):
             x = layer.lora_dropout[adapter](x)
         if x.dtype != a.weight.dtype:
             x = x.to(a.weight.dtype)
-        return _add_scaled(result, layer.lora_B[adapter](a(x)), layer.scaling[adapter])
+        return _add_scaled(result, layer.lora_B[adapter](a(x)), layer.scaling[adapter])  # B's module adds b_B
 
 
 #: LoRA's side per geometry family, most specific first.

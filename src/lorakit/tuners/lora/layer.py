@@ -8,6 +8,7 @@ records it — switching ``train()``/``eval()`` never touches weights.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from lorakit.tuners.lora.dora import DoraVariant
 from lorakit.tuners.lora.kinds import lora_kind
 from lorakit.tuners.lora.loftq import loftq_initialize
 from lorakit.tuners.lora.mixed import mixed_forward
+from lorakit.tuners.lora.starts import run_start
 from lorakit.tuners.lora.variant import LoraVariant, check_finite
 
 #: The variants an adapter can use, by name (:mod:`lorakit.tuners.lora.variant`); stateless, so shared.
@@ -80,6 +82,7 @@ class LoraLayer(WeightLayer):
         use_dora: bool = False,
         loftq_config: dict[str, Any] | None = None,
         variant: str | None = None,
+        lora_bias: bool = False,
     ) -> None:
         """Create adapter ``adapter`` with its own A, B and dropout, placed on the base weight's device.
 
@@ -91,12 +94,23 @@ class LoraLayer(WeightLayer):
                 :func:`~lorakit.tuners.lora.loftq.loftq_initialize` (which also rewrites the base weight to Q).
             variant: the update's form by name (``VARIANTS``: "lora", "dora", "adalora"); default from
                 ``use_dora``.
+            lora_bias: give B a trainable bias b_B (PEFT's ``lora_bias``): the update is ``s·(B A x + b_B)``,
+                and merging adds ``s·b_B`` to the base layer's bias.
 
         Raises:
             AdapterExistsError: the layer already holds an adapter of that name.
+            ConfigError, UnsupportedModuleError: the kind cannot hold this adapter (its ``check_adapter``); the
+                layer is unchanged.
         """
         if adapter in self.r:
             raise AdapterExistsError(f"adapter {adapter!r} already exists on this layer")
+        self.kind.check_adapter(self, r, variant or ("dora" if use_dora else "lora"), init_lora_weights, lora_bias)
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(
+                f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: the adapter runs, but it "
+                "cannot be merged (no base bias to fold s·b_B into)",
+                stacklevel=2,
+            )
         self.adapters_stamp += 1
         self.r[adapter] = r
         self.lora_alpha[adapter] = lora_alpha
@@ -109,10 +123,14 @@ class LoraLayer(WeightLayer):
             dtype = weight.dtype if weight.is_floating_point() else torch.float32
         for container, factor in zip(self.kind.containers, (a, b)):
             getattr(self, container)[adapter] = factor.to(device=weight.device, dtype=dtype)
-        self.kind.init_factors(self, adapter, init_lora_weights)
+        variant = variant or ("dora" if use_dora else "lora")
+        if not run_start(self, adapter, init_lora_weights, variant):  # PiSSA, OLoRA, orthogonal (starts.py)
+            self.kind.init_factors(self, adapter, init_lora_weights)
         if init_lora_weights == "loftq":
             loftq_initialize(self, adapter, **(loftq_config or {}))
-        self.variant[adapter] = VARIANTS[variant or ("dora" if use_dora else "lora")]
+        if lora_bias:
+            self.kind.attach_lora_bias(self, adapter, init_lora_weights)
+        self.variant[adapter] = VARIANTS[variant]
         for name, holder in self.variant[adapter].containers.items():  # the variant's own state, made on first use
             if name not in self._modules:
                 setattr(self, name, holder())
@@ -156,7 +174,12 @@ class LoraLayer(WeightLayer):
 
     def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
         self._check(adapter)
-        return [*self.kind.factor_params(self, adapter), *self.variant[adapter].extra_state(self, adapter).values()]
+        b_bias = self.kind.b_bias(self, adapter)
+        return [
+            *self.kind.factor_params(self, adapter),
+            *([] if b_bias is None else [b_bias]),
+            *self.variant[adapter].extra_state(self, adapter).values(),
+        ]
 
     def delete(self, adapter: str) -> None:
         """Remove an adapter. Raises :class:`MergeError` if it is merged (unmerge first)."""
@@ -211,10 +234,29 @@ class LoraLayer(WeightLayer):
             for adapter, record in records:
                 self._merge_records[adapter] = record
                 self.merged_adapters.append(adapter)
+                self._shift_bias(adapter, 1.0)
             return
         for adapter in pending:
             self._merge_records[adapter] = self.variant[adapter].merge(self, adapter, weight, False)
             self.merged_adapters.append(adapter)
+            self._shift_bias(adapter, 1.0)
+
+    def _refuse_quantized(self, pending: list[str]) -> None:
+        """Also refuse what the kind cannot merge (a grouped convolution, B's bias without a base bias)."""
+        super()._refuse_quantized(pending)
+        self.kind.refuse_merge(self, pending)
+
+    def _bias_delta(self, adapter: str) -> torch.Tensor | None:
+        """``s·b_B`` of a ``lora_bias`` adapter (what merging adds to the base bias), or None."""
+        b_bias = self.kind.b_bias(self, adapter)
+        return None if b_bias is None else b_bias * self.scaling[adapter]
+
+    def _shift_bias(self, adapter: str, sign: float) -> None:
+        """Base bias ± s·b_B (merge: +1, unmerge: −1), in place; nothing for an adapter without B's bias."""
+        delta = self._bias_delta(adapter)
+        if delta is not None:
+            bias = self.base_layer.bias
+            bias.add_(delta.to(bias.dtype), alpha=sign)
 
     def merged_result(self, adapter_names: list[str]) -> Any:
         return self.merged_weight(adapter_names)
@@ -232,10 +274,17 @@ class LoraLayer(WeightLayer):
             MergeError: a step gives NaN/Inf in the weight's dtype (the sum overflows, or DoRA's rescale does).
         """
         weight = self.kind.base_weight(self.base_layer)
+        bias = getattr(self.base_layer, "bias", None)
         records = []
-        for adapter in self._pending(adapter_names):
+        pending = self._pending(adapter_names)
+        self.kind.refuse_merge(self, pending)
+        for adapter in pending:
             weight, record = self.variant[adapter].merged(self, adapter, weight)
             check_finite(weight, adapter)
+            delta = self._bias_delta(adapter)
+            if delta is not None:  # the base bias as merging would leave it, checked too
+                bias = bias + delta.to(bias.dtype)
+                check_finite(bias, adapter)
             records.append((adapter, record))
         return weight, records
 
@@ -246,6 +295,7 @@ class LoraLayer(WeightLayer):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             self.variant[adapter].unmerge(self, adapter, weight, self._merge_records.pop(adapter))
+            self._shift_bias(adapter, -1.0)
 
     # -- forward --------------------------------------------------------------------------------------
 

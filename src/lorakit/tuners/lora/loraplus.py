@@ -22,6 +22,7 @@ from torch import nn
 
 from lorakit.tuners.lora.kinds import EmbeddingOps
 from lorakit.tuners.lora.layer import LoraLayer
+from lorakit.tuners.lora.mha import LoraMultiheadAttention
 
 #: bitsandbytes' 8-bit optimizers: PEFT keeps ``nn.Embedding`` weights at 32-bit state under them.
 _EIGHT_BIT = ("Adam8bit", "AdamW8bit", "PagedAdam8bit", "PagedAdamW8bit")
@@ -52,6 +53,8 @@ def loraplus_param_groups(
             for child in layer.children():
                 embedding.update(id(p) for p in child.parameters(recurse=False))
         b_side.update(id(p) for p in getattr(layer, layer.kind.containers[1]).parameters())
+        if isinstance(layer, LoraMultiheadAttention):  # its out-projection's B factors are B's too (as in PEFT)
+            b_side.update(id(p) for p in layer.lora_out_proj.lora_B.parameters())
     no_decay = _no_decay(model)
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for p in model.parameters():  # deduplicated, in registration order (as PEFT's named_parameters)

@@ -21,7 +21,8 @@ The plan costs are ``n·G·R`` against ``batch·ΣR_j`` multiply-adds per token 
 over adapters, one sub-batch each. A row named ``"__base__"``, or naming an adapter this layer does not hold
 (a target it lacks), gets nothing. Variants whose update is not additive say so through
 :meth:`LoraVariant.output_scale`: DoRA rows are then rescaled by their own m / ‖W + s·BA‖ (bias added after), so
-LoRA, DoRA and AdaLoRA rows mix in one batch.
+LoRA, DoRA and AdaLoRA rows mix in one batch. An adapter with a bias on B (``lora_bias``) adds its ``s·b_B`` to
+its own rows (a ``(batch, out)`` table built with the plan).
 
 **Threads.** Which rows go where is per-call state: :func:`routed` puts it in a context variable (each thread,
 each asyncio task, sees its own), mapping the layers of the model that was called to that call's
@@ -59,7 +60,12 @@ class _Plan:
                 groups[name].append(row)
         width = max(len(rows) for rows in groups.values())
         self.grouped = len(groups) * width * pack.max_rank < batch * pack.width
-        self.scale = None
+        self.scale = self.bias = None
+        if pack.biases:  # lora_bias rows: their own s·b_B; every other row 0
+            self.bias = torch.zeros(batch, out_features, dtype=dtype, device=device)
+            for row, name in enumerate(names):
+                if name in pack.biases:
+                    self.bias[row] = pack.biases[name].to(dtype)
         if pack.scales:  # DoRA rows: their own m / ‖W + s·BA‖; every other row 1
             self.scale = torch.ones(batch, out_features, dtype=dtype, device=device)
             for row, name in enumerate(names):
@@ -89,7 +95,7 @@ class _Pack:
 
     def __init__(self, layer: LoraLayer, adapters: tuple[str, ...]) -> None:
         self.adapters = adapters
-        self.factors, self.blocks, self.scales = {}, {}, {}
+        self.factors, self.blocks, self.scales, self.biases = {}, {}, {}, {}
         start = 0
         for adapter in adapters:
             variant = layer.variant[adapter]
@@ -100,6 +106,9 @@ class _Pack:
             scale = variant.output_scale(layer, adapter)
             if scale is not None:
                 self.scales[adapter] = scale.detach().reshape(-1)
+            b_bias = layer.kind.b_bias(layer, adapter)
+            if b_bias is not None:
+                self.biases[adapter] = (b_bias * layer.scaling[adapter]).detach()
         first_a, first_b, _ = self.factors[adapters[0]]
         self.dtype, self.device = first_a.dtype, first_a.device
         self.in_features, self.out_features = first_a.shape[1], first_b.shape[0]
@@ -153,6 +162,9 @@ def _watched(layer: LoraLayer, adapters: tuple[str, ...]) -> list[tuple[torch.Te
     tensors = [layer.kind.base_weight(layer.base_layer)]
     for adapter in adapters:
         tensors.extend(layer.kind.factor_params(layer, adapter))
+        b_bias = layer.kind.b_bias(layer, adapter)
+        if b_bias is not None:
+            tensors.append(b_bias)
         tensors.extend(layer.variant[adapter].extra_state(layer, adapter).values())
     return [(t, t._version, t.data_ptr()) for t in tensors]
 
@@ -173,6 +185,14 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: RowRouting, *args:
         routing._seen[layer] = (x.shape[0], result.dtype, pack, plan)
     if pack is None:
         return result
+    out = _apply(layer, pack, plan, x, result)
+    if plan.bias is None:
+        return out
+    return out + plan.bias.view((x.shape[0],) + (1,) * (out.dim() - 2) + (out.shape[-1],))
+
+
+def _apply(layer: LoraLayer, pack: _Pack, plan: _Plan, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` (the base output) plus each row's own ``s·B A x`` (DoRA rows rescaled); no B biases."""
     if plan.grouped:
         update = _grouped_update(pack, plan, x)
         if update.dtype != result.dtype:

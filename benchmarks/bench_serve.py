@@ -1,0 +1,189 @@
+"""``lorakit serve`` under load: concurrent clients over 8 adapters of SmolLM2-135M, against the same server with
+every client on one adapter, and against one request at a time with ``set_adapter`` per request.
+
+    python benchmarks/bench_serve.py --json benchmarks/results/bench_serve.json
+    python benchmarks/bench_serve.py --clients 1 8 --requests 1 --max-tokens 16     # a quick look
+
+Setup: the default model (fp32, CPU unless CUDA is there), 8 LoRA adapters (r=8, alpha=16, q/k/v/o/gate/up/down,
+random A and B, fixed seeds), the real server (uvicorn) on a free port in this process, ``--max-batch`` rows.
+Each of N clients sends ``--requests`` streamed chat requests one after the other (greedy, ``--max-tokens``),
+client i on adapter i mod 8 ("mixed") or all on adapter 0 ("single"). Measured client-side from the SSE
+stream: aggregate tokens/s (all tokens / wall time), time to first token and inter-token latency (p50, p99).
+The baseline ("sequential") answers the same requests one at a time in-process: ``set_adapter`` then
+``generate``, no server. The issue's goals: mixed >= 0.9x single, and at 32 clients >= 8x sequential tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colours.",
+    "Convert to ISO 8601 (YYYY-MM-DD): March 5, 2021",
+]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(folder: Path, count: int) -> dict[str, str]:
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.hub import load_model
+
+    out = {}
+    for i in range(count):
+        model, _ = load_model(None)
+        torch.manual_seed(100 + i)
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(folder / f"a{i}")
+        out[f"a{i}"] = str(folder / f"a{i}")
+    return out
+
+
+async def one_client(http: httpx.AsyncClient, model: str, requests: int, max_tokens: int, offset: int) -> list[dict]:
+    out = []
+    for r in range(requests):
+        question = QUESTIONS[(offset + r) % len(QUESTIONS)]
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        start, stamps, tokens = time.perf_counter(), [], 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        out.append({"tokens": tokens, "ttft": stamps[0] - start if stamps else None, "gaps": gaps})
+    return out
+
+
+async def run_clients(url: str, models: list[str], requests: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=None) as http:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_client(http, m, requests, max_tokens, i) for i, m in enumerate(models)))
+        wall = time.perf_counter() - start
+    flat = [r for client in results for r in client]
+    ttft = sorted(r["ttft"] for r in flat if r["ttft"] is not None)
+    gaps = sorted(g for r in flat for g in r["gaps"])
+    tokens = sum(r["tokens"] for r in flat)
+    return {
+        "clients": len(models),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p99_s": _pct(ttft, 99),
+        "itl_p50_s": _pct(gaps, 50),
+        "itl_p99_s": _pct(gaps, 99),
+    }
+
+
+def _pct(values: list[float], p: int) -> float | None:
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(len(values) * p / 100))], 4)
+
+
+def sequential(adapters: dict[str, str], requests: int, max_tokens: int) -> dict:
+    """One request at a time in-process: set_adapter, then generate (the chat template, greedy)."""
+    from lorakit import PeftModel
+    from lorakit.hub import load_model
+
+    model, tokenizer = load_model(None)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    tokens, start = 0, time.perf_counter()
+    for i in range(requests):
+        model.set_adapter(names[i % len(names)])
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], tokenize=False, add_generation_prompt=True
+        )
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        tokens += out.shape[1] - enc["input_ids"].shape[1]
+    wall = time.perf_counter() - start
+    return {"requests": requests, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=2, help="requests each client sends, one after the other")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lorakit.hub import load_model
+    from lorakit.serve.server import bound_socket, build_service, make_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(Path(tmp), args.adapters)
+        model, tokenizer = load_model(None)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        service = build_service(
+            model.to(device), tokenizer, base_name="base", adapters=adapters, max_batch=args.max_batch
+        )
+        sock = bound_socket()
+        server = make_server(service.app, service.engine, log_level="warning", access_log=False)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        names = list(adapters)
+        rows = []
+        for clients in args.clients:
+            for mode in ("mixed", "single"):
+                models = [names[i % len(names)] if mode == "mixed" else names[0] for i in range(clients)]
+                result = {"mode": mode, **asyncio.run(run_clients(url, models, args.requests, args.max_tokens))}
+                rows.append(result)
+                print(json.dumps(result), flush=True)
+        server.should_exit = True
+        thread.join(60)
+        base = sequential(adapters, max(args.requests * 4, 4), args.max_tokens)
+        print(json.dumps({"mode": "sequential", **base}), flush=True)
+    summary = {}
+    for clients in args.clients:
+        mixed, single = (
+            next(r for r in rows if r["clients"] == clients and r["mode"] == m) for m in ("mixed", "single")
+        )
+        summary[clients] = {
+            "mixed_over_single": round(mixed["tokens_per_s"] / single["tokens_per_s"], 3),
+            "mixed_over_sequential": round(mixed["tokens_per_s"] / base["tokens_per_s"], 2),
+        }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        payload = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "runs": rows, "sequential": base}
+        Path(args.json).write_text(json.dumps({**payload, "summary": summary}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

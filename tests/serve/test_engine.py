@@ -1,0 +1,147 @@
+"""The server's parts on their own: the slot cache, sampling, incremental text, the context rule, and the engine
+keeping every other request going when one fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from lorakit.errors import ConfigError
+from lorakit.serve.engine import Engine
+from lorakit.serve.kv import SlotCache
+from lorakit.serve.protocol import Failed, Finished, GenerationRequest, Token, model_context
+from lorakit.serve.sampling import Sampling, next_tokens, seeded_generator
+from lorakit.serve.text import TextStream
+
+
+def _kv(length: int, fill: float, layers: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [torch.full((1, 2, length, 4), fill + i) for i in range(layers)], [
+        torch.full((1, 2, length, 4), -fill - i) for i in range(layers)
+    ]
+
+
+def test_slot_cache_keeps_each_row_at_its_own_length_and_fills_holes_with_the_last_row():
+    cache = SlotCache(num_layers=2, max_rows=4, max_len=64)
+    for length, fill in ((3, 1.0), (7, 2.0), (5, 3.0)):
+        cache.append(*_kv(length, fill))
+    view, mask, positions = cache.step()
+    assert positions.flatten().tolist() == [3, 7, 5] and mask.shape == (3, 1, 1, 8)
+    assert (mask[:, 0, 0] == 0).tolist() == [[j <= n for j in range(8)] for n in (3, 7, 5)]
+    keys, values = view.update(torch.full((3, 2, 1, 4), 9.0), torch.full((3, 2, 1, 4), -9.0), layer_idx=1)
+    assert keys.shape == (3, 2, 8, 4) and keys[1, :, 7].eq(9).all() and keys[1, :, :7].eq(3.0).all()
+    cache.advance()
+    assert cache.remove(0) == 2  # the last row moved into row 0
+    assert cache.lengths == [6, 8]
+    assert cache.keys[0][0, :, :5].eq(3.0).all() and cache.keys[1][0, :, 5].eq(9.0).all()
+    assert cache.values[1][1, :, :7].eq(-3.0).all()
+    cache.remove(1), cache.remove(0)
+    assert cache.capacity() == (0, 0)  # an empty batch gives its memory back
+
+
+def test_slot_cache_grows_and_refuses_what_does_not_fit():
+    cache = SlotCache(num_layers=2, max_rows=2, max_len=40)
+    cache.append(*_kv(3, 1.0))
+    rows, length = cache.capacity()
+    cache.append(*_kv(30, 2.0))
+    assert cache.capacity()[0] >= 2 and cache.capacity()[1] >= 31 and (rows, length) != cache.capacity()
+    assert cache.keys[0][0, :, :3].eq(1.0).all()  # kept across the growth
+    with pytest.raises(ValueError, match="rows are in use"):
+        cache.append(*_kv(3, 1.0))
+    with pytest.raises(ValueError, match="no room"):
+        SlotCache(2, 2, 8).append(*_kv(8, 1.0))
+
+
+def test_greedy_is_argmax_and_a_tiny_top_p_keeps_only_the_likeliest_token():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 2.5]])
+    assert next_tokens(logits, [Sampling(), Sampling()]) == [1, 2]
+    gen = seeded_generator(0)
+    picks = {next_tokens(logits[:1], [Sampling(1.0, 1e-3, gen)])[0] for _ in range(50)}
+    assert picks == {1}
+    spread = {next_tokens(logits[:1], [Sampling(5.0, 1.0, gen)])[0] for _ in range(200)}
+    assert spread == {0, 1, 2}
+
+
+class _Chars:
+    """A tokenizer whose token i is the i-th piece (pieces may split a character's UTF-8 bytes)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_back_split_characters_and_possible_stop_strings():
+    pieces = [b"Hel", b"lo ", b"\xc3", b"\xa9", b" wo", b"rld", b"END", b"more"]
+    stream = TextStream(_Chars(pieces), stop=["rld!", "END"])
+    out = [stream.add(i) for i in range(4)]
+    assert out == ["Hel", "lo ", "", "é"]  # the split é waits for its second byte
+    assert stream.add(4) == " wo" and stream.add(5) == ""  # "rld" may begin "rld!"
+    assert stream.add(6) == "rld" and stream.stopped  # "END" stops; "rld" was not a stop after all
+    assert stream.add(7) == "" and stream.text == "Hello é world"
+    plain = TextStream(_Chars(pieces))
+    assert "".join(plain.add(i) for i in range(8)) + plain.finish() == "Hello é worldENDmore"
+
+
+def test_the_context_is_the_models_positions_or_its_sliding_window():
+    assert model_context(LlamaConfig(max_position_embeddings=512)) == 512
+    assert model_context(LlamaConfig(max_position_embeddings=512), 100) == 100
+    window = LlamaConfig(max_position_embeddings=512)
+    window.sliding_window = 128
+    assert model_context(window) == 128
+    mixed = LlamaConfig(max_position_embeddings=512)
+    mixed.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ConfigError, match="full attention"):
+        model_context(mixed)
+
+
+async def _answer(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[list[int], object]:
+    handle = engine.submit(GenerationRequest(tuple(prompt), max_tokens=max_tokens), asyncio.get_running_loop())
+    tokens = []
+    while True:
+        _, event = await handle.events.get()
+        if isinstance(event, Token):
+            tokens.append(event.token)
+        elif isinstance(event, (Finished, Failed)):
+            return tokens, event
+
+
+def test_a_request_that_fails_never_stops_the_others(files, one_thread):
+    """A forward that raises for one row's token: the batch is retried row by row, that request alone fails
+    (500), the others finish with the answers they get alone, and the engine keeps serving."""
+    from lorakit.hub import load_model
+
+    model, tokenizer = load_model(files.model)
+    engine = Engine(model, stop_ids=set(), context=256, max_batch=4).start()
+    try:
+        prompts = [tokenizer(p)["input_ids"] for p in ("hello world", "Say hello", "What is the capital")]
+
+        async def alone():
+            return [await _answer(engine, p, 12) for p in prompts]
+
+        solo = asyncio.run(alone())
+        poison = solo[0][0][4]  # the 5th token of the first answer
+        assert all(poison not in tokens for tokens, _ in solo[1:])
+
+        def refuse(module, args, kwargs):
+            ids = kwargs["input_ids"]
+            if ids.shape[1] == 1 and (ids == poison).any() or (ids[0, 0] == 999):
+                raise RuntimeError("poisoned row")
+
+        hook = model.register_forward_pre_hook(refuse, with_kwargs=True)
+
+        async def together():
+            return await asyncio.gather(*(_answer(engine, p, 12) for p in [*prompts, [999, 5]]))
+
+        crowd = asyncio.run(together())
+        hook.remove()
+        assert isinstance(crowd[0][1], Failed) and crowd[0][1].status == 500  # failed at its 5th token
+        assert crowd[0][0] == solo[0][0][:5]
+        assert isinstance(crowd[3][1], Failed)  # its prompt itself fails
+        assert [c[0] for c in crowd[1:3]] == [s[0] for s in solo[1:]]
+        assert asyncio.run(alone()) == solo  # still serving
+    finally:
+        engine.stop()
