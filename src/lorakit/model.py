@@ -27,6 +27,7 @@ from lorakit.layers.base import check_adapter_name as _check_adapter_name
 from lorakit.model_card import CARD_NAME, adapter_card, write_card
 from lorakit.persistence import load_adapter_state, module_key, read_adapter, save_adapter, write_adapter
 from lorakit.push import push_adapters, push_options
+from lorakit.sharding import is_sharded
 from lorakit.status import count_parameters, get_layer_status, get_model_status
 from lorakit.undo import keep_undos, run_undos
 
@@ -267,7 +268,7 @@ class PeftModel(nn.Module):
         state = super().state_dict(*args, **kwargs)
         seen: dict[tuple, str] = {}
         for key, tensor in list(state.items()):
-            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or _is_sharded(tensor):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or is_sharded(tensor):
                 continue  # a sharded tensor (FSDP2's DTensor) has no storage to compare; its gatherer copies it
             ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if ident in seen:
@@ -562,11 +563,6 @@ def _with_task_defaults(model: nn.Module, config: PeftConfig) -> PeftConfig:
         current = list(config.modules_to_save or [])
         config.modules_to_save = current + [h for h in heads if h not in current]
     return config
-
-
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP2 / tensor parallel shards), without importing torch.distributed."""
-    return type(tensor).__name__ == "DTensor"
 
 
 def base_name_or_path(model: nn.Module) -> str | None:
