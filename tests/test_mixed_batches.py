@@ -130,7 +130,9 @@ def _plans_used(model):
     plans = set()
     for layer in model.modules():
         if isinstance(layer, LoraLayer) and "_mixed_pack" in layer.__dict__:
-            plans.update("grouped" if p.grouped else "masked" for p in layer.__dict__["_mixed_pack"][2]._plans.values())
+            plans.update(
+                "grouped" if p.rows.grouped else "masked" for p in layer.__dict__["_mixed_pack"][2]._plans.values()
+            )
     return plans
 
 

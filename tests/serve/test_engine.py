@@ -99,14 +99,7 @@ def test_the_context_is_the_models_positions_or_its_sliding_window():
 
 
 async def _answer(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[list[int], object]:
-    handle = engine.submit(GenerationRequest(tuple(prompt), max_tokens=max_tokens), asyncio.get_running_loop())
-    tokens = []
-    while True:
-        _, event = await handle.events.get()
-        if isinstance(event, Token):
-            tokens.append(event.token)
-        elif isinstance(event, (Finished, Failed)):
-            return tokens, event
+    return await _run(engine, GenerationRequest(tuple(prompt), max_tokens=max_tokens))
 
 
 def test_a_request_that_fails_never_stops_the_others(files, one_thread):
@@ -128,7 +121,7 @@ def test_a_request_that_fails_never_stops_the_others(files, one_thread):
 
         def refuse(module, args, kwargs):
             ids = kwargs["input_ids"]
-            if ids.shape[1] == 1 and (ids == poison).any() or (ids[0, 0] == 999):
+            if ids.shape[1] == 1 and (ids == poison).any() or (ids.shape[1] > 1 and (ids == 999).any()):
                 raise RuntimeError("poisoned row")
 
         hook = model.register_forward_pre_hook(refuse, with_kwargs=True)
@@ -145,3 +138,88 @@ def test_a_request_that_fails_never_stops_the_others(files, one_thread):
         assert asyncio.run(alone()) == solo  # still serving
     finally:
         engine.stop()
+
+
+def test_ignore_eos_and_min_tokens_give_fixed_lengths_as_vllm_and_generate_do(files, one_thread):
+    """``ignore_eos``: the stop token is emitted and the answer runs to max_tokens; ``min_tokens``: the stop token
+    cannot be chosen before, the answer equals ``generate(min_new_tokens=)``; without either it stops there."""
+    from lorakit.hub import load_model
+
+    model, tokenizer = load_model(files.model)
+    prompt = tuple(tokenizer("hello world")["input_ids"])
+    free = Engine(model, stop_ids=set(), context=256, max_batch=4).start()
+    try:
+        plain = asyncio.run(_run(free, GenerationRequest(prompt, max_tokens=12)))[0]
+    finally:
+        free.stop()
+    stop = plain[3]  # make the 4th greedy token a stop token
+    engine = Engine(model, stop_ids={stop}, context=256, max_batch=4).start()
+    try:
+        stopped, end = asyncio.run(_run(engine, GenerationRequest(prompt, max_tokens=12)))
+        assert stopped == plain[:3] and end.reason == "stop" and end.tokens == 4
+        ignored, end = asyncio.run(_run(engine, GenerationRequest(prompt, max_tokens=12, ignore_eos=True)))
+        assert ignored == plain and end.reason == "length" and end.tokens == 12
+        held, end = asyncio.run(_run(engine, GenerationRequest(prompt, max_tokens=12, min_tokens=12)))
+        assert end.reason == "length" and len(held) == 12 and stop not in held and held[:3] == plain[:3]
+        with torch.inference_mode():
+            want = model.generate(
+                torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=stop
+            )[0, len(prompt) :].tolist()
+        assert held == want
+    finally:
+        engine.stop()
+
+
+async def _run(engine: Engine, request: GenerationRequest) -> tuple[list[int], object]:
+    return await _events(engine.submit(request, asyncio.get_running_loop()))
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_forward_each_as_alone(files, one_thread):
+    """Prompts of different lengths on different adapters (and the base), all waiting when the scheduler turns:
+    one left-padded prefill forward, and every greedy answer is the one it gets alone."""
+    from lorakit import PeftModel
+    from lorakit.hub import load_model
+
+    model, tokenizer = load_model(files.model)
+    names = list(files.adapters)
+    model = PeftModel.from_pretrained(model, files.adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(files.adapters[name], adapter_name=name)
+    texts = ["hello world", "Say hello to everyone here", "What", "What is the capital of France?", "hi there"]
+    requests = [
+        GenerationRequest(tuple(tokenizer(t)["input_ids"]), (names + ["__base__"])[i % 4], 10)
+        for i, t in enumerate(texts)
+    ]
+    shapes = []
+    hook = model.get_base_model().register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    engine = Engine(model, stop_ids=set(), context=256, max_batch=8)
+
+    async def together():
+        loop = asyncio.get_running_loop()
+        handles = [engine.submit(r, loop) for r in requests]
+        engine.start()
+        return [await _events(h) for h in handles]
+
+    try:
+        crowd = asyncio.run(together())
+        prefills = [s for s in shapes if s[1] > 1]
+        assert prefills == [(len(texts), max(len(r.prompt) for r in requests))]
+        alone = [asyncio.run(_run(engine, r)) for r in requests]
+        assert [s[0] for s in shapes if s[1] > 1] == [len(texts)] + [1] * len(texts)
+        assert [c[0] for c in crowd] == [a[0] for a in alone] and all(len(c[0]) == 10 for c in crowd)
+        assert len({tuple(a[0]) for a in alone}) == len(texts)  # the adapters and prompts do differ
+    finally:
+        hook.remove()
+        engine.stop()
+
+
+async def _events(handle) -> tuple[list[int], object]:
+    tokens = []
+    while True:
+        _, event = await handle.events.get()
+        if isinstance(event, Token):
+            tokens.append(event.token)
+        elif isinstance(event, (Finished, Failed)):
+            return tokens, event

@@ -43,6 +43,10 @@ def test_missing_and_invalid_fields_are_400_naming_the_field(http):
     assert (
         "stop" in _error(_post(http, "/v1/completions", model="alpha", prompt="x", stop=list("abcde")), 400)["message"]
     )
+    over = _error(_post(http, "/v1/completions", model="alpha", prompt="x", max_tokens=4, min_tokens=5), 400)
+    assert "min_tokens=5" in over["message"]
+    chat = dict(model="alpha", messages=[{"role": "user", "content": "x"}], max_completion_tokens=2, min_tokens=3)
+    assert "min_tokens" in _error(_post(http, "/v1/chat/completions", **chat), 400)["message"]
 
 
 def test_unsupported_options_are_refused_not_ignored(http):

@@ -106,6 +106,28 @@ def test_a_stop_string_cuts_the_answer_before_it(client):
     assert cut.usage.completion_tokens < 30
 
 
+def test_ignore_eos_and_min_tokens_pass_through_the_openai_client(client, server, reference):
+    """vLLM's extensions, as its users send them (``extra_body``): the answer runs to max_tokens although nearly
+    every token is made a stop token here (all but 16), which ends it at once without them."""
+    engine = server.service.engine
+    saved, engine.stop_ids = engine.stop_ids, frozenset(range(16, len(reference.tokenizer)))
+    try:
+
+        def ask(**extra):
+            messages = [{"role": "user", "content": "hi"}]
+            return client.chat.completions.create(
+                model="beta", messages=messages, max_tokens=9, temperature=0, extra_body=extra
+            )
+
+        plain = ask()
+        assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 9
+        for extra in ({"ignore_eos": True}, {"min_tokens": 9}):
+            r = ask(**extra)
+            assert r.usage.completion_tokens == 9 and r.choices[0].finish_reason == "length"
+    finally:
+        engine.stop_ids = saved
+
+
 def test_usage_counts_the_prompt_and_the_answer(client, reference):
     tokenizer = reference.tokenizer
     r = _text(client, "tiny", "hello world", 7)

@@ -30,11 +30,14 @@ class RowRouting:
     once per token (they cannot change while a forward runs).
     """
 
-    __slots__ = ("names", "adapters", "_rows", "_seen")
+    __slots__ = ("names", "adapters", "used", "shared", "_rows", "_seen")
 
     def __init__(self, names: list[str]) -> None:
         self.names = tuple(names)
         self.adapters = tuple(dict.fromkeys(names))  # each name once, in order of first use
+        self.used = frozenset(self.adapters)
+        #: what the layers of this call build once for all of them (LoRA: where the rows go per layout)
+        self.shared: dict[Any, Any] = {}
         self._rows: dict[int, tuple[str, ...]] = {}
         self._seen: dict[nn.Module, tuple[int, torch.dtype, Any, Any]] = {}
 

@@ -190,7 +190,15 @@ async def _generate(
     temperature, top_p = body.temperature_or_default(), body.top_p_or_default()
     requests = [
         GenerationRequest(
-            tuple(p), adapter, limit, body.n, temperature, top_p, None if body.seed is None else body.seed + i * body.n
+            tuple(p),
+            adapter,
+            limit,
+            body.n,
+            temperature,
+            top_p,
+            None if body.seed is None else body.seed + i * body.n,
+            min(body.min_tokens, limit),
+            body.ignore_eos,
         )
         for i, (p, limit) in enumerate(zip(prompts, limits))
     ]

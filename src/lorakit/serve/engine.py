@@ -4,9 +4,9 @@ Continuous batching (Orca, Yu et al. OSDI 2022; across adapters as in Punica, ar
 arXiv 2311.03285). Each turn of the loop:
 
 1. takes the commands the HTTP side sent (new requests, cancellations, adapter loads and deletions);
-2. admits waiting requests while rows are free: each prompt is prefilled alone (batch 1, the same computation
-   as ``generate``), its first token chosen, its cache copied into a free row of the
-   :class:`~lorakit.serve.kv.SlotCache`;
+2. admits waiting requests while rows are free: their prompts are prefilled in one forward (left-padded to the
+   longest, the padding masked, each row's positions from 0: what each computes alone), each first token
+   chosen, each cache copied into a free row of the :class:`~lorakit.serve.kv.SlotCache`;
 3. runs one decode step over every running row: one forward whose row i goes through its own adapter
    (``adapter_names=``, :mod:`lorakit.tuners.lora.mixed`) at its own position; rows that end leave at once.
 
@@ -20,8 +20,8 @@ other (own cache, own positions, own adapter; the mask hides other rows' lengths
 answers each request through its :class:`RequestHandle`, posting events onto the event loop that owns it. The
 few counters both sides read (waiting, running, the adapter names) are behind one lock.
 
-**Failures.** A prefill that raises fails that request only. A decode step that raises is retried row by row,
-so only the rows that fail alone are failed; the loop itself never dies.
+**Failures.** A prefill that raises is retried prompt by prompt and a decode step that raises row by row, so
+only the requests that fail alone are failed; the loop itself never dies.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ class Engine:
         max_batch: the most sequences decoded together (rows of the cache).
         max_queue: the most requests waiting for a row beyond those the free rows take at once.
         observer: receives timings and sizes (metrics).
-        prefill_tokens: prompt tokens prefilled per loop turn before the running rows get their next step
-            (at least one prompt always is), so a burst of new prompts delays running answers by a bounded time.
+        prefill_tokens: the most prompt tokens (padding included) prefilled per loop turn before the running rows
+            get their next step (at least one prompt always is), so a burst of new prompts delays running answers
+            by a bounded time and the prefill's memory is bounded.
     """
 
     def __init__(
@@ -344,44 +345,91 @@ class Engine:
                     f.set_result(name)
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens
-        while self._waiting and budget > 0 and self._slots.rows + self._waiting[0].request.n <= self.max_batch:
-            group = self._waiting.popleft()
+        """Prefill the waiting requests the free rows and ``prefill_tokens`` take, together (at least one)."""
+        batch: list[_Group] = []
+        rows, longest = self._slots.rows, 0
+        while self._waiting and rows + self._waiting[0].request.n <= self.max_batch:
+            head = self._waiting[0]
+            wider = max(longest, len(head.request.prompt))
+            if batch and wider * (len(batch) + 1) > self.prefill_tokens:  # the padded batch's tokens
+                break
+            batch.append(self._waiting.popleft())
             self._count(waiting=-1)
-            budget -= len(group.request.prompt)
-            self._start(group)
+            rows, longest = rows + head.request.n, wider
         self.observer.waiting(len(self._waiting))
-
-    def _start(self, group: _Group) -> None:
-        request = group.request
         held = getattr(self.model, "peft_config", {})
-        if request.adapter != BASE_ROW and request.adapter not in held:
-            self._fail(group, 404, f"adapter {request.adapter!r} was deleted before this request started")
+        live = []
+        for group in batch:
+            if group.request.adapter != BASE_ROW and group.request.adapter not in held:
+                self._fail(group, 404, f"adapter {group.request.adapter!r} was deleted before this request started")
+            else:
+                live.append(group)
+        if not live:
             return
         try:
-            ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
-            args = {"input_ids": ids, "use_cache": True, **({"logits_to_keep": 1} if self._keep_logits else {})}
-            out = self._call(args, [request.adapter])
-            logits = out.logits[:, -1]  # (1, vocab)
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            keys, values = cache_tensors(cache)
+            prefilled = self._prefill(live)
         except Exception:
-            log.exception("prefill failed (request %d, adapter %r)", group.handle.id, request.adapter)
-            self._fail(group, 500, "the server failed to read this prompt")
-            return
+            if len(live) > 1:
+                log.warning("a prefill of %d prompts failed; prefilling each alone", len(live))
+            prefilled = []
+            for group in live:
+                try:
+                    prefilled.extend(self._prefill([group]))
+                except Exception:
+                    log.exception("prefill failed (request %d, adapter %r)", group.handle.id, group.request.adapter)
+                    self._fail(group, 500, "the server failed to read this prompt")
+                    prefilled.append(None)
+        for group, got in zip(live, prefilled):
+            if got is not None:
+                self._start(group, *got)
+        self.observer.running(len(self._rows))
+
+    def _prefill(self, groups: list[_Group]) -> list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+        """One forward over the prompts of ``groups``, left-padded to the longest (a mask hides the padding and
+        each row's positions start at 0, so every row computes what it computes alone; a single prompt goes
+        through unpadded and unmasked, as ``generate``). Per group: ``(last logits (1, vocab), keys, values)``,
+        the cache ``(1, kv_heads, T, head_dim)`` per layer without the padding."""
+        lengths = [len(g.request.prompt) for g in groups]
+        width = max(lengths)
+        ids = torch.zeros(len(groups), width, dtype=torch.long)
+        mask = torch.zeros(len(groups), width, dtype=torch.long)
+        for i, (group, n) in enumerate(zip(groups, lengths)):
+            ids[i, width - n :] = torch.tensor(group.request.prompt)
+            mask[i, width - n :] = 1
+        args: dict[str, Any] = {"input_ids": ids.to(self.device), "use_cache": True}
+        if self._keep_logits:
+            args["logits_to_keep"] = 1
+        if len(groups) > 1:
+            args["attention_mask"] = mask.to(self.device)
+            args["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
+        out = self._call(args, [g.request.adapter for g in groups])
+        logits = out.logits[:, -1]  # (b, vocab)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        keys, values = cache_tensors(cache)
+        return [
+            (
+                logits[i : i + 1],
+                [k[i : i + 1, :, width - n :] for k in keys],
+                [v[i : i + 1, :, width - n :] for v in values],
+            )
+            for i, n in enumerate(lengths)
+        ]
+
+    def _start(self, group: _Group, logits: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Give each of ``group``'s choices its first token and a row holding the prompt's cache."""
+        request = group.request
         now = time.perf_counter()
         for choice in range(request.n):
             generator = None if request.temperature <= 0 else seeded_generator(group.seed + choice, self.device)
             row = _Row(group, choice, Sampling(request.temperature, request.top_p, generator))
             group.rows.append(row)
             group.open_choices += 1
-            if self._accept(row, next_tokens(logits, [row.sampling])[0], now):
+            if self._accept(row, self._choose(logits, [row])[0], now):
                 self._slots.append(keys, values)
                 self._rows.append(row)
                 self._count(running=1)
         if not group.open_choices:
             del self._groups[group.handle.id]
-        self.observer.running(len(self._rows))
 
     def _decode(self) -> None:
         rows = self._rows
@@ -398,7 +446,7 @@ class Engine:
         if live:
             if len(live) < len(rows) or not isinstance(logits, torch.Tensor):  # some rows failed
                 logits = torch.stack([logits[i] for i in live])
-            tokens = next_tokens(logits, [rows[i].sampling for i in live])
+            tokens = self._choose(logits, [rows[i] for i in live])
             for i, token in zip(live, tokens):
                 self._accept(rows[i], token, now)
         self._sweep()
@@ -429,6 +477,14 @@ class Engine:
         with torch.inference_mode():
             return self.model(**args)
 
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Each row's next token from its logits ``(b, vocab)``; stop tokens masked for rows under ``min_tokens``."""
+        early = [i for i, r in enumerate(rows) if r.generated < r.group.request.min_tokens]
+        if early and self.stop_ids:
+            logits = logits.clone()
+            logits[torch.tensor(early)[:, None], torch.tensor(sorted(self.stop_ids))] = float("-inf")
+        return next_tokens(logits, [r.sampling for r in rows])
+
     def _accept(self, row: _Row, token: int, now: float) -> bool:
         """Record ``row``'s new token; False when the row has ended (a stop token, or no budget left)."""
         group = row.group
@@ -438,7 +494,7 @@ class Engine:
         else:
             self.observer.next_token(group.request.adapter, now - row.last_time)
         row.last_time = now
-        if token in self.stop_ids:
+        if token in self.stop_ids and not group.request.ignore_eos:
             self._finish(row, "stop")
             return False
         group.handle.post(Token(row.choice, token))

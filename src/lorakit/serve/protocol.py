@@ -69,7 +69,12 @@ class DrainingError(ServeError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to continue, ``n`` times. ``temperature == 0``: greedy; ``seed`` None: a random one."""
+    """One prompt to continue, ``n`` times. ``temperature == 0``: greedy; ``seed`` None: a random one.
+
+    ``min_tokens``: the stop tokens cannot be chosen before that many tokens (their logits are masked, as
+    ``generate(min_new_tokens=)``); ``ignore_eos``: a stop token does not end the answer (it counts as a token;
+    decoded text skips it). Both are vLLM's sampling parameters of the same names, used to benchmark at fixed
+    answer lengths."""
 
     prompt: tuple[int, ...]
     adapter: str = BASE_ROW
@@ -78,6 +83,8 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

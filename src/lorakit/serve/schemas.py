@@ -4,7 +4,9 @@ Fields OpenAI clients send that the server does not act on but that do not chang
 ``logit_bias: {}``, penalties of 0, ``response_format: {"type": "text"}``) are accepted; fields that would
 change it and are not implemented (``logprobs``, ``tools``, ``suffix``, non-zero penalties, ``best_of`` other
 than ``n``, images) are refused with 400 naming the field, so a client never silently gets something else. Unknown
-fields are ignored, as the OpenAI API does for forward compatibility.
+fields are ignored, as the OpenAI API does for forward compatibility. Two of vLLM's extensions are accepted
+with vLLM's meaning: ``min_tokens`` (no stop token before that many tokens) and ``ignore_eos`` (stop tokens do not
+end the answer), which give answers of a fixed length for benchmarks; stop strings still apply.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extensions (its OpenAI server takes them the same way): fixed answer lengths for benchmarks
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Sampling:
@@ -76,6 +81,9 @@ class _Sampling(BaseModel):
             raise _unsupported("logit_bias")
         if len(self.stop_strings()) > MAX_STOP_STRINGS:
             raise ValueError(f"stop holds {len(self.stop_strings())} strings; at most {MAX_STOP_STRINGS} are accepted")
+        limit = self.max_tokens if self.max_tokens is not None else getattr(self, "max_completion_tokens", None)
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError(f"min_tokens={self.min_tokens} is over max_tokens={limit}")
         return self
 
     def stop_strings(self) -> list[str]:

@@ -49,41 +49,52 @@ if TYPE_CHECKING:
 MIXABLE_KINDS = ("linear", "conv1d_hf", "linear4bit", "linear8bit")
 
 
-class _Plan:
-    """How one order of rows goes through a pack: grouped (gather indices) or masked (a 0/1 mask)."""
+class _Rows:
+    """Where the rows of one order go for one layout of factors (adapters in order, their ranks): the gather and
+    scatter indices (grouped) or the 0/1 mask (masked). The same for every layer of that layout, so a call builds
+    it once for all of them (:func:`_prepare` keeps it on the call's routing)."""
 
-    def __init__(self, pack: _Pack, names: tuple[str, ...], out_features: int, dtype: torch.dtype, device: Any):
-        batch = len(names)
-        groups: dict[str, list[int]] = {a: [] for a in pack.adapters}
+    def __init__(self, names: tuple[str, ...], blocks: dict[str, tuple[int, int]], device: Any, dtype: torch.dtype):
+        batch, width = len(names), max(stop for _, stop in blocks.values())
+        max_rank = max(stop - start for start, stop in blocks.values())
+        groups: dict[str, list[int]] = {a: [] for a in blocks}
         for row, name in enumerate(names):
             if name in groups:
                 groups[name].append(row)
-        width = max(len(rows) for rows in groups.values())
-        self.grouped = len(groups) * width * pack.max_rank < batch * pack.width
-        self.scale = self.bias = None
-        if pack.biases:  # lora_bias rows: their own s·b_B; every other row 0
-            self.bias = torch.zeros(batch, out_features, dtype=dtype, device=device)
-            for row, name in enumerate(names):
-                if name in pack.biases:
-                    self.bias[row] = pack.biases[name].to(dtype)
-        if pack.scales:  # DoRA rows: their own m / ‖W + s·BA‖; every other row 1
-            self.scale = torch.ones(batch, out_features, dtype=dtype, device=device)
-            for row, name in enumerate(names):
-                if name in pack.scales:
-                    self.scale[row] = pack.scales[name].to(dtype)
+        most = max(len(rows) for rows in groups.values())
+        self.grouped = len(groups) * most * max_rank < batch * width
         if self.grouped:
-            slots = [rows[i] if i < len(rows) else -1 for rows in groups.values() for i in range(width)]
-            self.groups, self.width = len(groups), width
+            slots = [rows[i] if i < len(rows) else -1 for rows in groups.values() for i in range(most)]
+            self.groups, self.width = len(groups), most
             self.gather = torch.tensor([max(r, 0) for r in slots], dtype=torch.long, device=device)
             kept = [i for i, r in enumerate(slots) if r >= 0]
             self.kept = None if len(kept) == len(slots) else torch.tensor(kept, dtype=torch.long, device=device)
             self.scatter = torch.tensor([r for r in slots if r >= 0], dtype=torch.long, device=device)
         else:
-            self.mask = torch.zeros(batch, pack.width, dtype=pack.dtype, device=device)
+            self.mask = torch.zeros(batch, width, dtype=dtype, device=device)
             for row, name in enumerate(names):
-                block = pack.blocks.get(name)
+                block = blocks.get(name)
                 if block is not None:
                     self.mask[row, block[0] : block[1]] = 1
+
+
+class _Plan:
+    """How one order of rows goes through a pack: its :class:`_Rows`, and this layer's per-row tables (B biases,
+    DoRA scales) when it has them."""
+
+    def __init__(self, pack: _Pack, names: tuple[str, ...], rows: _Rows, out_features: int, dtype: torch.dtype):
+        self.rows = rows
+        self.scale = self.bias = None
+        if pack.biases:  # lora_bias rows: their own s·b_B; every other row 0
+            self.bias = torch.zeros(len(names), out_features, dtype=dtype, device=pack.device)
+            for row, name in enumerate(names):
+                if name in pack.biases:
+                    self.bias[row] = pack.biases[name].to(dtype)
+        if pack.scales:  # DoRA rows: their own m / ‖W + s·BA‖; every other row 1
+            self.scale = torch.ones(len(names), out_features, dtype=dtype, device=pack.device)
+            for row, name in enumerate(names):
+                if name in pack.scales:
+                    self.scale[row] = pack.scales[name].to(dtype)
 
 
 class _Pack:
@@ -113,6 +124,7 @@ class _Pack:
         self.dtype, self.device = first_a.dtype, first_a.device
         self.in_features, self.out_features = first_a.shape[1], first_b.shape[0]
         self.width = start
+        self.layout = tuple(self.blocks.items())  # what a _Rows depends on
         self.max_rank = max(stop - begin for begin, stop in self.blocks.values())
         # built on first use, then only ever replaced whole (threads may build them at once: both are equal)
         self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -142,11 +154,15 @@ class _Pack:
             got = self._concatenated = (a_cat, b_cat)
         return got
 
-    def plan(self, names: tuple[str, ...], out_features: int, dtype: torch.dtype, device: Any) -> _Plan:
+    def plan(self, names: tuple[str, ...], routing: RowRouting, out_features: int, dtype: torch.dtype) -> _Plan:
         plans = self._plans
         got = plans.get(names)
         if got is None:
-            got = _Plan(self, names, out_features, dtype, device)
+            key = (names, self.layout, self.device, self.dtype)
+            rows = routing.shared.get(key)
+            if rows is None:
+                rows = routing.shared[key] = _Rows(names, self.blocks, self.device, self.dtype)
+            got = _Plan(self, names, rows, out_features, dtype)
             # a new dict, published in one assignment (another thread's plan may be dropped: it is rebuilt)
             self._plans = {**(plans if len(plans) <= 16 else {}), names: got}
         return got
@@ -193,17 +209,17 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: RowRouting, *args:
 
 def _apply(layer: LoraLayer, pack: _Pack, plan: _Plan, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """``result`` (the base output) plus each row's own ``s·B A x`` (DoRA rows rescaled); no B biases."""
-    if plan.grouped:
-        update = _grouped_update(pack, plan, x)
+    if plan.rows.grouped:
+        update = _grouped_update(pack, plan.rows, x)
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
         if plan.scale is None:
-            return result.index_add_(0, plan.scatter, update)
-        update = torch.zeros_like(result).index_add_(0, plan.scatter, update)
+            return result.index_add_(0, plan.rows.scatter, update)
+        update = torch.zeros_like(result).index_add_(0, plan.rows.scatter, update)
     else:
         batch = x.shape[0]
         a_cat, b_cat = pack.concatenated()
-        h = F.linear(x.to(pack.dtype), a_cat) * plan.mask.view((batch,) + (1,) * (x.dim() - 2) + (pack.width,))
+        h = F.linear(x.to(pack.dtype), a_cat) * plan.rows.mask.view((batch,) + (1,) * (x.dim() - 2) + (pack.width,))
         if plan.scale is None and result.dtype == h.dtype:  # one GEMM that also adds: result + h B'ᵀ
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, pack.width), b_cat.t())
             return flat.view(result.shape)
@@ -226,7 +242,8 @@ def _prepare(
             "here: give the batch a single adapter (set_adapter) instead"
         )
     names = routing.rows(x.shape[0])
-    adapters = tuple(a for a in routing.adapters if a in layer.r)
+    # in the layer's own order, not the rows': a batch whose rows change order keeps the pack (its stacks)
+    adapters = tuple(a for a in layer.r if a in routing.used)
     if not adapters:
         return None, None
     stamp = _stamp(layer, adapters)
@@ -234,10 +251,10 @@ def _prepare(
     if cached is None or cached[0] != stamp or not _fresh(cached[1]):
         cached = layer.__dict__["_mixed_pack"] = (stamp, _watched(layer, adapters), _Pack(layer, adapters))
     pack = cached[2]
-    return pack, pack.plan(names, result.shape[-1], result.dtype, x.device)
+    return pack, pack.plan(names, routing, result.shape[-1], result.dtype)
 
 
-def _grouped_update(pack: _Pack, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+def _grouped_update(pack: _Pack, plan: _Rows, x: torch.Tensor) -> torch.Tensor:
     """Each used row's update ``s_j B_j A_j x``, in ``plan.scatter``'s order of rows: (used rows, …, out)."""
     a_stack_t, bt_stack = pack.stacks()
     rows = x.index_select(0, plan.gather)  # (n·G, …, in), grouped by adapter
