@@ -2,22 +2,31 @@
 every client on one adapter, and against one request at a time with ``set_adapter`` per request.
 
     python benchmarks/bench_serve.py --json benchmarks/results/bench_serve.json
-    python benchmarks/bench_serve.py --clients 1 8 --requests 1 --max-tokens 16     # a quick look
+    python benchmarks/bench_serve.py --clients 1 8 --requests 1 --lengths 16     # a quick look
 
 Setup: the default model (fp32, CPU unless CUDA is there), 8 LoRA adapters (r=8, alpha=16, q/k/v/o/gate/up/down,
 random A and B, fixed seeds), the real server (uvicorn) on a free port in this process, ``--max-batch`` rows.
-Each of N clients sends ``--requests`` streamed chat requests one after the other (greedy, ``--max-tokens``),
-client i on adapter i mod 8 ("mixed") or all on adapter 0 ("single"). Measured client-side from the SSE
-stream: aggregate tokens/s (all tokens / wall time), time to first token and inter-token latency (p50, p99).
-The baseline ("sequential") answers the same requests one at a time in-process: ``set_adapter`` then
-``generate``, no server. The issue's goals: mixed >= 0.9x single, and at 32 clients >= 8x sequential tokens/s.
+Each of N clients sends ``--requests`` streamed chat requests one after the other (greedy), client i on adapter
+i mod 8 ("mixed") or all on adapter 0 ("single"). Request r of client i asks for exactly
+``lengths[(i + r) mod len(lengths)]`` tokens (``max_tokens`` with vLLM's ``ignore_eos``), so both modes do the
+same work whatever the adapters say, and answers of different lengths make rows join and leave the batch at
+different steps, as continuous batching is meant for. Measured client-side from the SSE stream: aggregate
+tokens/s (all tokens / wall time), time to first token and inter-token latency (p50, p99); server-side, the
+rows per decode step. The modes alternate, each pair ``--rounds`` times; the table takes each one's median.
+
+The baselines answer requests one at a time in-process, ``set_adapter`` then ``generate`` (the same lengths,
+``min_new_tokens``): lorakit's PeftModel, and PEFT's when it is installed ("the way a PEFT user serves today").
+The issue's goals: mixed >= 0.9x single, and at 32 clients >= 8x the sequential tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import os
+import platform
 import sys
 import tempfile
 import threading
@@ -50,14 +59,15 @@ def make_adapters(folder: Path, count: int) -> dict[str, str]:
     return out
 
 
-async def one_client(http: httpx.AsyncClient, model: str, requests: int, max_tokens: int, offset: int) -> list[dict]:
+async def one_client(http: httpx.AsyncClient, model: str, requests: int, lengths: list[int], offset: int) -> list[dict]:
     out = []
     for r in range(requests):
         question = QUESTIONS[(offset + r) % len(QUESTIONS)]
         body = {
             "model": model,
             "messages": [{"role": "user", "content": question}],
-            "max_tokens": max_tokens,
+            "max_tokens": lengths[(offset + r) % len(lengths)],
+            "ignore_eos": True,
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -77,10 +87,12 @@ async def one_client(http: httpx.AsyncClient, model: str, requests: int, max_tok
     return out
 
 
-async def run_clients(url: str, models: list[str], requests: int, max_tokens: int) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=None) as http:
+async def run_clients(url: str, models: list[str], requests: int, lengths: list[int], batches: list[int]) -> dict:
+    limits = httpx.Limits(max_connections=len(models) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+        batches.clear()
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_client(http, m, requests, max_tokens, i) for i, m in enumerate(models)))
+        results = await asyncio.gather(*(one_client(http, m, requests, lengths, i) for i, m in enumerate(models)))
         wall = time.perf_counter() - start
     flat = [r for client in results for r in client]
     ttft = sorted(r["ttft"] for r in flat if r["ttft"] is not None)
@@ -95,6 +107,9 @@ async def run_clients(url: str, models: list[str], requests: int, max_tokens: in
         "ttft_p99_s": _pct(ttft, 99),
         "itl_p50_s": _pct(gaps, 50),
         "itl_p99_s": _pct(gaps, 99),
+        "steps": len(batches),
+        "rows_per_step_mean": round(sum(batches) / len(batches), 2) if batches else None,
+        "rows_per_step_max": max(batches, default=None),
     }
 
 
@@ -104,11 +119,14 @@ def _pct(values: list[float], p: int) -> float | None:
     return round(values[min(len(values) - 1, int(len(values) * p / 100))], 4)
 
 
-def sequential(adapters: dict[str, str], requests: int, max_tokens: int) -> dict:
-    """One request at a time in-process: set_adapter, then generate (the chat template, greedy)."""
-    from lorakit import PeftModel
+def sequential(adapters: dict[str, str], requests: int, lengths: list[int], library: str) -> dict:
+    """One request at a time in-process: set_adapter, then generate (the chat template, greedy, a fixed length)."""
     from lorakit.hub import load_model
 
+    if library == "peft":
+        from peft import PeftModel
+    else:
+        from lorakit import PeftModel
     model, tokenizer = load_model(None)
     names = list(adapters)
     model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
@@ -122,20 +140,35 @@ def sequential(adapters: dict[str, str], requests: int, max_tokens: int) -> dict
             [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], tokenize=False, add_generation_prompt=True
         )
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        length = lengths[i % len(lengths)]
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         tokens += out.shape[1] - enc["input_ids"].shape[1]
     wall = time.perf_counter() - start
-    return {"requests": requests, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+    return {
+        "library": library,
+        "requests": requests,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=2, help="requests each client sends, one after the other")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--requests", type=int, default=4, help="requests each client sends, one after the other")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16, 24, 32, 40, 48], help="answer lengths")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="mixed/single pairs per client count")
+    parser.add_argument("--sequential-requests", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -146,11 +179,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(Path(tmp), args.adapters)
+        baselines = [sequential(adapters, args.sequential_requests, args.lengths, "lorakit")]
+        if importlib.util.find_spec("peft") is not None:
+            baselines.append(sequential(adapters, args.sequential_requests, args.lengths, "peft"))
+        for b in baselines:
+            print(json.dumps({"mode": "sequential", **b}), flush=True)
         model, tokenizer = load_model(None)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         service = build_service(
             model.to(device), tokenizer, base_name="base", adapters=adapters, max_batch=args.max_batch
         )
+        batches: list[int] = []
+        observed = service.engine.observer.step
+
+        def step(rows: int) -> None:
+            batches.append(rows)
+            observed(rows)
+
+        service.engine.observer.step = step
         sock = bound_socket()
         server = make_server(service.app, service.engine, log_level="warning", access_log=False)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -161,28 +207,55 @@ def main() -> None:
         names = list(adapters)
         rows = []
         for clients in args.clients:
-            for mode in ("mixed", "single"):
-                models = [names[i % len(names)] if mode == "mixed" else names[0] for i in range(clients)]
-                result = {"mode": mode, **asyncio.run(run_clients(url, models, args.requests, args.max_tokens))}
-                rows.append(result)
-                print(json.dumps(result), flush=True)
+            for round_ in range(args.rounds):
+                for mode in ("mixed", "single") if round_ % 2 == 0 else ("single", "mixed"):
+                    models = [names[i % len(names)] if mode == "mixed" else names[0] for i in range(clients)]
+                    result = asyncio.run(run_clients(url, models, args.requests, args.lengths, batches))
+                    rows.append({"mode": mode, "round": round_, **result})
+                    print(json.dumps(rows[-1]), flush=True)
         server.should_exit = True
         thread.join(60)
-        base = sequential(adapters, max(args.requests * 4, 4), args.max_tokens)
-        print(json.dumps({"mode": "sequential", **base}), flush=True)
-    summary = {}
-    for clients in args.clients:
-        mixed, single = (
-            next(r for r in rows if r["clients"] == clients and r["mode"] == m) for m in ("mixed", "single")
-        )
-        summary[clients] = {
-            "mixed_over_single": round(mixed["tokens_per_s"] / single["tokens_per_s"], 3),
-            "mixed_over_sequential": round(mixed["tokens_per_s"] / base["tokens_per_s"], 2),
-        }
-    print(json.dumps(summary, indent=2))
+    table = summarize(rows, baselines, args.clients)
+    print(table)
     if args.json:
-        payload = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "runs": rows, "sequential": base}
-        Path(args.json).write_text(json.dumps({**payload, "summary": summary}, indent=2) + "\n")
+        payload = {
+            "argv": sys.argv[1:],
+            "threads": torch.get_num_threads(),
+            "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpus": os.cpu_count()},
+            "runs": rows,
+            "sequential": baselines,
+            "table": table,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def summarize(rows: list[dict], baselines: list[dict], clients: list[int]) -> str:
+    """The README table: per client count, the median of each mode's rounds."""
+    seq = {b["library"]: b["tokens_per_s"] for b in baselines}
+    head = "| clients | mixed tok/s | single tok/s | mixed / single | mixed / sequential (lorakit" + (
+        ", PEFT)" if "peft" in seq else ")"
+    )
+    lines = [
+        head + " | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | rows per step (mean, max) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in clients:
+        mixed = _median_run([r for r in rows if r["clients"] == n and r["mode"] == "mixed"])
+        single = _median_run([r for r in rows if r["clients"] == n and r["mode"] == "single"])
+        over_seq = " / ".join(f"{mixed['tokens_per_s'] / seq[k]:.1f}x" for k in ("lorakit", "peft") if k in seq)
+        lines.append(
+            f"| {n} | {mixed['tokens_per_s']:.1f} | {single['tokens_per_s']:.1f} | "
+            f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f}x | {over_seq} | "
+            f"{mixed['ttft_p50_s']:.2f} / {mixed['ttft_p99_s']:.2f} | "
+            f"{mixed['itl_p50_s'] * 1000:.0f} / {mixed['itl_p99_s'] * 1000:.0f} | "
+            f"{mixed['rows_per_step_mean']}, {mixed['rows_per_step_max']} |"
+        )
+    base = ", ".join(f"{k} {v:.1f} tok/s" for k, v in seq.items())
+    return "\n".join(lines) + f"\n\nsequential (one request at a time, set_adapter + generate): {base}"
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """LoRA's starts and LoRA+ on the bundled dates task: how fast each reaches 90 % exact match, and where it ends.
 
-Reproduce (2 CPU cores; about 3 minutes per run on a quiet machine, 18 runs)::
+Reproduce (2 CPU cores; about 4 minutes per run on a quiet machine, 18 runs; ``--resume`` goes on from a stopped run)::
 
     python benchmarks/bench_starts.py --json benchmarks/results/bench_starts.json
     python benchmarks/bench_starts.py --methods pissa olora --json benchmarks/results/bench_starts_pissa.json
@@ -46,12 +46,14 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from models import load_smollm2  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
-from lorakit import PeftModel  # noqa: E402
+from lorakit import LoraConfig, PeftModel, set_peft_model_state_dict  # noqa: E402
 from lorakit.training.checkpoint import list_checkpoints  # noqa: E402
 from lorakit.training.config import TrainConfig  # noqa: E402
-from lorakit.training.data import bundled_path, eval_pairs  # noqa: E402
+from lorakit.training.data import build_dataset, bundled_path, eval_pairs, resolve_data  # noqa: E402
 from lorakit.training.evaluate import exact_match  # noqa: E402
+from lorakit.training.starts import create_adapter  # noqa: E402
 from lorakit.training.trainer import train  # noqa: E402
 
 #: label, TrainConfig fields, the paper's claim
@@ -75,8 +77,27 @@ def init_field() -> str:
 def score(folder: Path, pairs: list, args: argparse.Namespace) -> float:
     base, tok = load_smollm2()
     model = PeftModel.from_pretrained(base, folder)
+    return _exact_match(model, tok, pairs, args)
+
+
+def _exact_match(model: Any, tok: Any, pairs: list, args: argparse.Namespace) -> float:
     result = exact_match(model, tok, pairs, args.max_new_tokens, batch_size=args.eval_limit, limit=args.eval_limit)
     return result.accuracy
+
+
+def score_corda_checkpoints(folders: list[Path], cfg: TrainConfig, pairs: list, args: argparse.Namespace) -> list:
+    """A CorDA checkpoint holds the unconverted adapter, which loads only onto a base given CorDA's decomposition
+    (of the training data's covariances) again, as a resumed run does: that start is made once, from the same
+    rows, and each checkpoint's tensors are set on it in turn."""
+    base, tok = load_smollm2()
+    rows = build_dataset(resolve_data(cfg.data, "train"), tok, cfg.max_length, cfg.overflow)[0]
+    lora = LoraConfig.from_pretrained(folders[0])
+    model = create_adapter(base, lora, "corda", rows, tok.pad_token_id, cfg.batch_size)
+    scores = []
+    for folder in folders:
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        scores.append(_exact_match(model, tok, pairs, args))
+    return scores
 
 
 def run(method: str, seed: int, out: Path, pairs: list, args: argparse.Namespace) -> dict:
@@ -92,11 +113,16 @@ def run(method: str, seed: int, out: Path, pairs: list, args: argparse.Namespace
         skip_eval=True,
         samples=0,
         **fields,
+        **({} if args.learning_rate is None else {"learning_rate": args.learning_rate}),
     )
     t0 = time.perf_counter()
     result = train(cfg, log=lambda s: print(f"  [{method} seed {seed}] {s}", flush=True), progress=False)
     train_s = time.perf_counter() - t0
-    curve = {step: score(folder, pairs, args) for step, folder in list_checkpoints(out) if step in args.eval_at}
+    kept = [(step, folder) for step, folder in list_checkpoints(out) if step in args.eval_at]
+    if method == "corda":
+        curve = dict(zip((s for s, _ in kept), score_corda_checkpoints([f for _, f in kept], cfg, pairs, args)))
+    else:
+        curve = {step: score(folder, pairs, args) for step, folder in kept}
     curve[args.steps] = score(out, pairs, args)  # the final adapter
     points = sorted(curve.items())
     reached = next((step for step, acc in points if acc >= TARGET), None)
@@ -106,6 +132,7 @@ def run(method: str, seed: int, out: Path, pairs: list, args: argparse.Namespace
     return {
         "method": method,
         "label": label,
+        "learning_rate": cfg.learning_rate,
         "seed": seed,
         "curve": {str(k): v for k, v in sorted(curve.items())},
         "steps_to_90": reached,
@@ -118,24 +145,33 @@ def run(method: str, seed: int, out: Path, pairs: list, args: argparse.Namespace
 
 
 def report(runs: list[dict], steps: int) -> str:
-    """The README table: per method, steps to 90 % (median and each seed) and final exact match."""
+    """The README table: per method (and learning rate, when not the default), steps to 90 % (median and each
+    seed), the step from which it stays there, and final exact match."""
     lines = [
-        "| method | steps to 90 % (median; per seed) | final exact match (mean; per seed) | papers' claim |",
-        "|---|---:|---:|---|",
+        "| method | steps to 90 % (median; per seed) | stays ≥ 90 % from (median; per seed) "
+        "| final exact match (mean; per seed) | papers' claim |",
+        "|---|---:|---:|---:|---|",
     ]
+    default_lr = TrainConfig().learning_rate
     for method, (label, _, claim) in METHODS.items():
-        rows = [r for r in runs if r["method"] == method]
-        if not rows:
-            continue
-        reached = [r["steps_to_90"] for r in sorted(rows, key=lambda r: r["seed"])]
-        finals = [r["final"] for r in sorted(rows, key=lambda r: r["seed"])]
-        never = [s if s is not None else steps + 1 for s in reached]  # "not within the run" sorts last
-        med = statistics.median(never)
-        med_text = f"{med:g}" if med <= steps else f"> {steps}"
-        per_seed = ", ".join("–" if s is None else str(s) for s in reached)
-        finals_text = ", ".join(f"{f:.0%}" for f in finals)
-        lines.append(f"| {label} | {med_text} ({per_seed}) | {statistics.mean(finals):.1%} ({finals_text}) | {claim} |")
+        mine = [r for r in runs if r["method"] == method]
+        for lr in sorted({r.get("learning_rate", default_lr) for r in mine}, reverse=True):
+            rows = sorted((r for r in mine if r.get("learning_rate", default_lr) == lr), key=lambda r: r["seed"])
+            name = label if lr == default_lr else f"{label}, learning rate {lr:g}"
+            finals = ", ".join(f"{r['final']:.0%}" for r in rows)
+            mean = statistics.mean(r["final"] for r in rows)
+            lines.append(
+                f"| {name} | {_steps([r['steps_to_90'] for r in rows], steps)} "
+                f"| {_steps([r.get('stays_90_from') for r in rows], steps)} | {mean:.1%} ({finals}) | {claim} |"
+            )
     return "\n".join(lines)
+
+
+def _steps(values: list[int | None], steps: int) -> str:
+    """``median (each seed)``; a seed that never got there counts as after the run and shows as –."""
+    med = statistics.median(steps + 1 if v is None else v for v in values)
+    per_seed = ", ".join("–" if v is None else str(v) for v in values)
+    return f"{med:g} ({per_seed})" if med <= steps else f"> {steps} ({per_seed})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-limit", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --json and do the rest")
+    ap.add_argument("--learning-rate", type=float, default=None, help="default: lorakit train's (1e-3)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--report", nargs="+", default=None, help="print the table of these result files and exit")
     args = ap.parse_args(argv)
@@ -158,10 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pairs = eval_pairs(bundled_path("dates", "eval"))
     runs: list[dict] = []
+    if args.resume and args.json and args.json.exists():  # keep the runs a stopped invocation finished
+        runs = json.loads(args.json.read_text())["runs"]
+    lr = TrainConfig().learning_rate if args.learning_rate is None else args.learning_rate
+    done = {(r["method"], r["seed"], r["learning_rate"]) for r in runs}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lorakit-starts-") as tmp:
         for seed in args.seeds:  # seeds outermost: a partial file still compares every method
             for method in args.methods:
+                if (method, seed, lr) in done:
+                    continue
                 runs.append(run(method, seed, Path(tmp) / f"{method}-{seed}", pairs, args))
                 if args.json:
                     write_json(args, runs, complete=False, wall_s=time.perf_counter() - t0)

@@ -169,3 +169,33 @@ def test_mixed_rows_keep_gradients_flowing_to_the_input_in_eval_mode():
     embeds.grad = None
     alone(model, "small", None, inputs_embeds=embeds[1:2])[0].sum().backward()
     torch.testing.assert_close(grad[1:2], embeds.grad[1:2], rtol=1e-4, atol=1e-6)
+
+
+def test_rows_in_a_new_order_keep_each_layers_pack_and_share_one_row_plan_per_layout():
+    """A server's batch changes order as rows leave: the layers keep their packs (no stacks rebuilt), and where the
+    rows go is worked out once per call for all layers of one layout of adapters, not once per layer."""
+    from lorakit.layers.routing import RowRouting
+    from lorakit.tuners.lora.layer import LoraLayer
+
+    same = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **RANDOM)
+    model = model_with_adapters(adapters={"a": LoraConfig(**same), "b": LoraConfig(**same)})
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    ids = torch.randint(0, 96, (4, 5))
+    made = []
+    init = RowRouting.__init__
+
+    def spy(self, names):
+        init(self, names)
+        made.append(self)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RowRouting, "__init__", spy)
+        first = model(input_ids=ids, adapter_names=["a", "b", "a", "b"]).logits
+        packs = [layer.__dict__["_mixed_pack"][2] for layer in layers]
+        flipped = model(input_ids=ids[[1, 0, 3, 2]], adapter_names=["b", "a", "b", "a"]).logits
+    assert [layer.__dict__["_mixed_pack"][2] for layer in layers] == packs  # the same objects
+    assert all(len(pack._plans) == 2 for pack in packs)
+    assert len(made) == 2 and all(len(routing.shared) == 1 for routing in made)  # one row plan for all layers
+    plans = {id(plan.rows) for pack in packs for plan in pack._plans.values()}
+    assert len(plans) == 2  # two orders of rows, each shared by every layer
+    torch.testing.assert_close(flipped, first[[1, 0, 3, 2]], rtol=1e-5, atol=1e-5)
