@@ -12,7 +12,8 @@ i mod 8 ("mixed") or all on adapter 0 ("single"). Request r of client i asks for
 same work whatever the adapters say, and answers of different lengths make rows join and leave the batch at
 different steps, as continuous batching is meant for. Measured client-side from the SSE stream: aggregate
 tokens/s (all tokens / wall time), time to first token and inter-token latency (p50, p99); server-side, the
-rows per decode step. The modes alternate, each pair ``--rounds`` times; the table takes each one's median.
+rows per decode step. The clients run in a process of their own (as real clients would), so they never hold the
+server's GIL. The modes alternate, each pair ``--rounds`` times; the table takes each one's median.
 
 The baselines answer requests one at a time in-process, ``set_adapter`` then ``generate`` (the same lengths,
 ``min_new_tokens``): lorakit's PeftModel, and PEFT's when it is installed ("the way a PEFT user serves today").
@@ -25,12 +26,14 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -87,10 +90,14 @@ async def one_client(http: httpx.AsyncClient, model: str, requests: int, lengths
     return out
 
 
-async def run_clients(url: str, models: list[str], requests: int, lengths: list[int], batches: list[int]) -> dict:
+def client_process(url: str, models: list[str], requests: int, lengths: list[int]) -> dict:
+    """The load generator, run in a process of its own so that it never holds the server's GIL."""
+    return asyncio.run(run_clients(url, models, requests, lengths))
+
+
+async def run_clients(url: str, models: list[str], requests: int, lengths: list[int]) -> dict:
     limits = httpx.Limits(max_connections=len(models) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
-        batches.clear()
         start = time.perf_counter()
         results = await asyncio.gather(*(one_client(http, m, requests, lengths, i) for i, m in enumerate(models)))
         wall = time.perf_counter() - start
@@ -107,9 +114,6 @@ async def run_clients(url: str, models: list[str], requests: int, lengths: list[
         "ttft_p99_s": _pct(ttft, 99),
         "itl_p50_s": _pct(gaps, 50),
         "itl_p99_s": _pct(gaps, 99),
-        "steps": len(batches),
-        "rows_per_step_mean": round(sum(batches) / len(batches), 2) if batches else None,
-        "rows_per_step_max": max(batches, default=None),
     }
 
 
@@ -206,13 +210,20 @@ def main() -> None:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         names = list(adapters)
         rows = []
+        clients_pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        clients_pool.submit(time.sleep, 0).result()  # started before the clock runs
         for clients in args.clients:
             for round_ in range(args.rounds):
                 for mode in ("mixed", "single") if round_ % 2 == 0 else ("single", "mixed"):
                     models = [names[i % len(names)] if mode == "mixed" else names[0] for i in range(clients)]
-                    result = asyncio.run(run_clients(url, models, args.requests, args.lengths, batches))
+                    batches.clear()
+                    result = clients_pool.submit(client_process, url, models, args.requests, args.lengths).result()
+                    result["steps"] = len(batches)
+                    result["rows_per_step_mean"] = round(sum(batches) / len(batches), 2) if batches else None
+                    result["rows_per_step_max"] = max(batches, default=None)
                     rows.append({"mode": mode, "round": round_, **result})
                     print(json.dumps(rows[-1]), flush=True)
+        clients_pool.shutdown()
         server.should_exit = True
         thread.join(60)
     table = summarize(rows, baselines, args.clients)
