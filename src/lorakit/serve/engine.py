@@ -366,23 +366,27 @@ class Engine:
                 live.append(group)
         if not live:
             return
-        try:
-            prefilled = self._prefill(live)
-        except Exception:
-            if len(live) > 1:
+        if len(live) == 1:
+            prefilled = [self._prefill_alone(live[0])]
+        else:
+            try:
+                prefilled = self._prefill(live)
+            except Exception:
                 log.warning("a prefill of %d prompts failed; prefilling each alone", len(live))
-            prefilled = []
-            for group in live:
-                try:
-                    prefilled.extend(self._prefill([group]))
-                except Exception:
-                    log.exception("prefill failed (request %d, adapter %r)", group.handle.id, group.request.adapter)
-                    self._fail(group, 500, "the server failed to read this prompt")
-                    prefilled.append(None)
+                prefilled = [self._prefill_alone(group) for group in live]
         for group, got in zip(live, prefilled):
             if got is not None:
                 self._start(group, *got)
         self.observer.running(len(self._rows))
+
+    def _prefill_alone(self, group: _Group) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None:
+        """:meth:`_prefill` of one request; None (the request failed with 500) if it raises."""
+        try:
+            return self._prefill([group])[0]
+        except Exception:
+            log.exception("prefill failed (request %d, adapter %r)", group.handle.id, group.request.adapter)
+            self._fail(group, 500, "the server failed to read this prompt")
+            return None
 
     def _prefill(self, groups: list[_Group]) -> list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """One forward over the prompts of ``groups``, left-padded to the longest (a mask hides the padding and
