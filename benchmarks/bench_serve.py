@@ -45,6 +45,14 @@ QUESTIONS = [
     "List three colours.",
     "Convert to ISO 8601 (YYYY-MM-DD): March 5, 2021",
 ]
+
+
+def question(client: int, request: int) -> str:
+    """Request ``request`` of client ``client``: every user message differs from its first words, so what prompts
+    share is the chat template and its system prompt, as in a real chat service (the prefix cache reuses that)."""
+    return f"Request {client}.{request}: {QUESTIONS[(client + request) % len(QUESTIONS)]}"
+
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,10 +73,10 @@ def make_adapters(folder: Path, count: int) -> dict[str, str]:
 async def one_client(http: httpx.AsyncClient, model: str, requests: int, lengths: list[int], offset: int) -> list[dict]:
     out = []
     for r in range(requests):
-        question = QUESTIONS[(offset + r) % len(QUESTIONS)]
+        text = question(offset, r)
         body = {
             "model": model,
-            "messages": [{"role": "user", "content": question}],
+            "messages": [{"role": "user", "content": text}],
             "max_tokens": lengths[(offset + r) % len(lengths)],
             "ignore_eos": True,
             "temperature": 0,
@@ -141,7 +149,7 @@ def sequential(adapters: dict[str, str], requests: int, lengths: list[int], libr
     for i in range(requests):
         model.set_adapter(names[i % len(names)])
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": question(i, 0)}], tokenize=False, add_generation_prompt=True
         )
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         length = lengths[i % len(lengths)]
@@ -164,6 +172,38 @@ def sequential(adapters: dict[str, str], requests: int, lengths: list[int], libr
     }
 
 
+def static_batch(adapters: dict[str, str], rows: int, length: int) -> dict:
+    """The ceiling the issue names: ``rows`` prompts in one ``generate`` call (left-padded), one adapter, every
+    answer exactly ``length`` tokens; no server, no arrivals, no mixing."""
+    from lorakit import PeftModel
+    from lorakit.hub import load_model
+
+    model, tokenizer = load_model(None)
+    name = next(iter(adapters))
+    model = PeftModel.from_pretrained(model, adapters[name], adapter_name=name).eval()
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question(i, 0)}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(rows)
+    ]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=length, min_new_tokens=length, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    wall = time.perf_counter() - start
+    tokens = (out.shape[1] - enc["input_ids"].shape[1]) * rows
+    return {
+        "library": "lorakit",
+        "rows": rows,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16, 32])
@@ -174,6 +214,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="mixed/single pairs per client count")
     parser.add_argument("--sequential-requests", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024, help="the server's prefix cache (0: off)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -188,19 +229,32 @@ def main() -> None:
             baselines.append(sequential(adapters, args.sequential_requests, args.lengths, "peft"))
         for b in baselines:
             print(json.dumps({"mode": "sequential", **b}), flush=True)
+        static = static_batch(adapters, max(args.clients), sum(args.lengths) // len(args.lengths))
+        print(json.dumps({"mode": "static", **static}), flush=True)
         model, tokenizer = load_model(None)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         service = build_service(
-            model.to(device), tokenizer, base_name="base", adapters=adapters, max_batch=args.max_batch
+            model.to(device),
+            tokenizer,
+            base_name="base",
+            adapters=adapters,
+            max_batch=args.max_batch,
+            prefix_cache_mb=args.prefix_cache_mb,
         )
         batches: list[int] = []
-        observed = service.engine.observer.step
+        cached: list[int] = []
+        observer = service.engine.observer
+        observed_step, observed_prefill = observer.step, observer.prefilled
 
         def step(rows: int) -> None:
             batches.append(rows)
-            observed(rows)
+            observed_step(rows)
 
-        service.engine.observer.step = step
+        def prefilled(adapter: str, tokens: int) -> None:
+            cached.append(tokens)
+            observed_prefill(adapter, tokens)
+
+        observer.step, observer.prefilled = step, prefilled
         sock = bound_socket()
         server = make_server(service.app, service.engine, log_level="warning", access_log=False)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -217,16 +271,18 @@ def main() -> None:
                 for mode in ("mixed", "single") if round_ % 2 == 0 else ("single", "mixed"):
                     models = [names[i % len(names)] if mode == "mixed" else names[0] for i in range(clients)]
                     batches.clear()
+                    cached.clear()
                     result = clients_pool.submit(client_process, url, models, args.requests, args.lengths).result()
                     result["steps"] = len(batches)
                     result["rows_per_step_mean"] = round(sum(batches) / len(batches), 2) if batches else None
                     result["rows_per_step_max"] = max(batches, default=None)
+                    result["prompt_tokens_cached_mean"] = round(sum(cached) / len(cached), 1) if cached else None
                     rows.append({"mode": mode, "round": round_, **result})
                     print(json.dumps(rows[-1]), flush=True)
         clients_pool.shutdown()
         server.should_exit = True
         thread.join(60)
-    table = summarize(rows, baselines, args.clients)
+    table = summarize(rows, baselines, args.clients, static)
     print(table)
     if args.json:
         payload = {
@@ -235,12 +291,13 @@ def main() -> None:
             "machine": {"torch": torch.__version__, "platform": platform.platform(), "cpus": os.cpu_count()},
             "runs": rows,
             "sequential": baselines,
+            "static": static,
             "table": table,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def summarize(rows: list[dict], baselines: list[dict], clients: list[int]) -> str:
+def summarize(rows: list[dict], baselines: list[dict], clients: list[int], static: dict) -> str:
     """The README table: per client count, the median of each mode's rounds."""
     seq = {b["library"]: b["tokens_per_s"] for b in baselines}
     head = "| clients | mixed tok/s | single tok/s | mixed / single | mixed / sequential (lorakit" + (
@@ -262,7 +319,14 @@ def summarize(rows: list[dict], baselines: list[dict], clients: list[int]) -> st
             f"{mixed['rows_per_step_mean']}, {mixed['rows_per_step_max']} |"
         )
     base = ", ".join(f"{k} {v:.1f} tok/s" for k, v in seq.items())
-    return "\n".join(lines) + f"\n\nsequential (one request at a time, set_adapter + generate): {base}"
+    top = max(clients)
+    mixed = _median_run([r for r in rows if r["clients"] == top and r["mode"] == "mixed"])
+    return "\n".join(lines) + (
+        f"\n\nsequential (one request at a time, set_adapter + generate): {base}"
+        f"\nstatic batch ({static['rows']} prompts in one generate, one adapter, {static['tokens'] // static['rows']} "
+        f"tokens each): {static['tokens_per_s']:.1f} tok/s, {static['tokens_per_s'] / seq['lorakit']:.1f}x sequential; "
+        f"the server at {top} clients mixed: {mixed['tokens_per_s'] / static['tokens_per_s']:.2f}x of it"
+    )
 
 
 def _median_run(runs: list[dict]) -> dict:

@@ -181,3 +181,16 @@ def metric(text: str, name: str, **labels: str) -> float:
         if sample == name and ",".join(sorted(label_text.rstrip("}").split(","))) == want:
             return float(value)
     return 0.0
+
+
+async def collect(handle: Any) -> tuple[list[int], Any]:
+    """An engine request's tokens and its last event (Finished or Failed), read from its handle."""
+    from lorakit.serve.protocol import Failed, Finished, Token
+
+    tokens = []
+    while True:
+        _, event = await handle.events.get()
+        if isinstance(event, Token):
+            tokens.append(event.token)
+        elif isinstance(event, (Finished, Failed)):
+            return tokens, event

@@ -12,9 +12,10 @@ from transformers import LlamaConfig
 from lorakit.errors import ConfigError
 from lorakit.serve.engine import Engine
 from lorakit.serve.kv import SlotCache
-from lorakit.serve.protocol import Failed, Finished, GenerationRequest, Token, model_context
+from lorakit.serve.protocol import Failed, GenerationRequest, model_context
 from lorakit.serve.sampling import Sampling, next_tokens, seeded_generator
 from lorakit.serve.text import TextStream
+from serve.conftest import collect as _events
 
 
 def _kv(length: int, fill: float, layers: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -174,9 +175,9 @@ async def _run(engine: Engine, request: GenerationRequest) -> tuple[list[int], o
     return await _events(engine.submit(request, asyncio.get_running_loop()))
 
 
-def test_prompts_waiting_together_are_prefilled_in_one_forward_each_as_alone(files, one_thread):
+def test_prompts_waiting_together_are_prefilled_packed_in_one_forward_each_as_alone(files, one_thread):
     """Prompts of different lengths on different adapters (and the base), all waiting when the scheduler turns:
-    one left-padded prefill forward, and every greedy answer is the one it gets alone."""
+    one prefill forward over them packed into one sequence, and every greedy answer is the one it gets alone."""
     from lorakit import PeftModel
     from lorakit.hub import load_model
 
@@ -194,7 +195,7 @@ def test_prompts_waiting_together_are_prefilled_in_one_forward_each_as_alone(fil
     hook = model.get_base_model().register_forward_pre_hook(
         lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
     )
-    engine = Engine(model, stop_ids=set(), context=256, max_batch=8)
+    engine = Engine(model, stop_ids=set(), context=256, max_batch=8, prefix_cache_bytes=0)  # each prompt whole
 
     async def together():
         loop = asyncio.get_running_loop()
@@ -205,21 +206,11 @@ def test_prompts_waiting_together_are_prefilled_in_one_forward_each_as_alone(fil
     try:
         crowd = asyncio.run(together())
         prefills = [s for s in shapes if s[1] > 1]
-        assert prefills == [(len(texts), max(len(r.prompt) for r in requests))]
+        assert prefills == [(1, sum(len(r.prompt) for r in requests))]  # packed: one sequence, no padding
         alone = [asyncio.run(_run(engine, r)) for r in requests]
-        assert [s[0] for s in shapes if s[1] > 1] == [len(texts)] + [1] * len(texts)
+        assert [s for s in shapes if s[1] > 1][1:] == [(1, len(r.prompt)) for r in requests]
         assert [c[0] for c in crowd] == [a[0] for a in alone] and all(len(c[0]) == 10 for c in crowd)
         assert len({tuple(a[0]) for a in alone}) == len(texts)  # the adapters and prompts do differ
     finally:
         hook.remove()
         engine.stop()
-
-
-async def _events(handle) -> tuple[list[int], object]:
-    tokens = []
-    while True:
-        _, event = await handle.events.get()
-        if isinstance(event, Token):
-            tokens.append(event.token)
-        elif isinstance(event, (Finished, Failed)):
-            return tokens, event

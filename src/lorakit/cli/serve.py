@@ -54,6 +54,13 @@ def add_parser(sub: Any) -> None:
         help="the most tokens one answer may ask for (default: the context); more is refused with 400",
     )
     p.add_argument("--context", type=int, default=None, help="cap on prompt + answer tokens (default: the model's)")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=1024,
+        help="MiB of prompts' keys and values kept per adapter, so that prompts starting the same way (template, "
+        "system prompt, earlier turns) skip that part of the prefill (1024; 0: off)",
+    )
     p.add_argument("--served-model-name", default=None, help="the base model's id in the API (default: its name)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -112,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         context=args.context,
         shutdown_timeout=args.shutdown_timeout,
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     names = [service.settings.base_name, *service.engine.adapters]
     print(

@@ -30,10 +30,13 @@ class RowRouting:
     once per token (they cannot change while a forward runs).
     """
 
-    __slots__ = ("names", "adapters", "used", "shared", "_rows", "_seen")
+    __slots__ = ("names", "per_token", "adapters", "used", "shared", "_rows", "_seen")
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], per_token: bool = False) -> None:
         self.names = tuple(names)
+        #: the names are per token of a packed batch (``batch × sequence`` of them), not per row: layers that
+        #: act on each token alone (LoRA's linear layers) take them; others refuse (see :meth:`rows`)
+        self.per_token = per_token
         self.adapters = tuple(dict.fromkeys(names))  # each name once, in order of first use
         self.used = frozenset(self.adapters)
         #: what the layers of this call build once for all of them (LoRA: where the rows go per layout)
@@ -45,6 +48,11 @@ class RowRouting:
         """The names stretched to ``batch`` rows when generation repeats each row (beam search, several samples)."""
         got = self._rows.get(batch)
         if got is None:
+            if self.per_token and batch != len(self.names):
+                raise ValueError(
+                    f"adapter names are given per token ({len(self.names)}), and this layer takes them per row "
+                    f"({batch}): tokens of different adapters packed in one row run through LoRA linear layers only"
+                )
             if batch == len(self.names):
                 got = self.names
             elif batch % len(self.names) == 0:

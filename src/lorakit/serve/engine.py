@@ -4,9 +4,11 @@ Continuous batching (Orca, Yu et al. OSDI 2022; across adapters as in Punica, ar
 arXiv 2311.03285). Each turn of the loop:
 
 1. takes the commands the HTTP side sent (new requests, cancellations, adapter loads and deletions);
-2. admits waiting requests while rows are free: their prompts are prefilled in one forward (left-padded to the
-   longest, the padding masked, each row's positions from 0: what each computes alone), each first token
-   chosen, each cache copied into a free row of the :class:`~lorakit.serve.kv.SlotCache`;
+2. admits waiting requests while rows are free: their prompts are prefilled in one forward, packed into one
+   sequence (each token sees only its own prompt, at its own position, through its own adapter: what each
+   computes alone), each past the prefix its adapter already computed for an earlier prompt
+   (:class:`~lorakit.serve.prefix.PrefixCache`), each first token chosen, each cache copied into a free row of
+   the :class:`~lorakit.serve.kv.SlotCache`;
 3. runs one decode step over every running row: one forward whose row i goes through its own adapter
    (``adapter_names=``, :mod:`lorakit.tuners.lora.mixed`) at its own position; rows that end leave at once.
 
@@ -44,6 +46,7 @@ import torch
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from lorakit.layers.routing import BASE_ROW
 from lorakit.serve.kv import SlotCache, cache_tensors
+from lorakit.serve.prefix import PrefixCache, pack_prompts, past_cache, prompt_cache
 from lorakit.serve.protocol import (
     DrainingError,
     Failed,
@@ -93,9 +96,11 @@ class Engine:
         max_batch: the most sequences decoded together (rows of the cache).
         max_queue: the most requests waiting for a row beyond those the free rows take at once.
         observer: receives timings and sizes (metrics).
-        prefill_tokens: the most prompt tokens (padding included) prefilled per loop turn before the running rows
+        prefill_tokens: the most prompt tokens prefilled together per loop turn before the running rows
             get their next step (at least one prompt always is), so a burst of new prompts delays running answers
             by a bounded time and the prefill's memory is bounded.
+        prefix_cache_bytes: the most bytes of prompts' keys and values kept so that a later prompt for the same
+            adapter that starts the same way prefills only the rest (:mod:`lorakit.serve.prefix`); 0: none kept.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class Engine:
         max_queue: int = 256,
         observer: Observer | None = None,
         prefill_tokens: int = 2048,
+        prefix_cache_bytes: int = 1 << 30,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or context < 2:
             raise ConfigError(
@@ -119,10 +125,13 @@ class Engine:
         self.observer = observer or Observer()
         base = model.get_base_model() if hasattr(model, "peft_config") else model
         self.device = next(model.parameters()).device
+        dtype = getattr(base, "dtype", torch.float32)
+        self.dtype = dtype if dtype.is_floating_point else torch.float32  # what attention computes in
         params = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_logits = "logits_to_keep" in params
         self._slots = SlotCache(base.config.num_hidden_layers, max_batch, context)
+        self._prefix = PrefixCache(prefix_cache_bytes)
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the counters below, read by the HTTP side
         self._adapters: tuple[str, ...] = tuple(getattr(model, "peft_config", {}))
@@ -307,6 +316,7 @@ class Engine:
         if name == BASE_ROW or name in held or name in self._deleting:
             raise AdapterExistsError(f"an adapter named {name!r} is already loaded (or being deleted)")
         config = PeftConfig.from_pretrained(path)
+        self._prefix.drop(name)  # what an earlier adapter of this name computed
         if config.peft_type != PeftType.LORA:
             raise ConfigError(
                 f"{path} holds a {config.peft_type.value} adapter; the server mixes LoRA adapters (LORA) in a batch"
@@ -335,6 +345,7 @@ class Engine:
             if busy or any(g.request.adapter == name for g in self._waiting):
                 continue
             futures = self._deleting.pop(name)
+            self._prefix.drop(name)
             try:
                 self.model.delete_adapter(name)
             except Exception as exc:
@@ -347,15 +358,14 @@ class Engine:
     def _admit(self) -> None:
         """Prefill the waiting requests the free rows and ``prefill_tokens`` take, together (at least one)."""
         batch: list[_Group] = []
-        rows, longest = self._slots.rows, 0
+        rows, tokens = self._slots.rows, 0
         while self._waiting and rows + self._waiting[0].request.n <= self.max_batch:
             head = self._waiting[0]
-            wider = max(longest, len(head.request.prompt))
-            if batch and wider * (len(batch) + 1) > self.prefill_tokens:  # the padded batch's tokens
+            if batch and tokens + len(head.request.prompt) > self.prefill_tokens:  # (before the prefix cache)
                 break
             batch.append(self._waiting.popleft())
             self._count(waiting=-1)
-            rows, longest = rows + head.request.n, wider
+            rows, tokens = rows + head.request.n, tokens + len(head.request.prompt)
         self.observer.waiting(len(self._waiting))
         held = getattr(self.model, "peft_config", {})
         live = []
@@ -372,7 +382,7 @@ class Engine:
             try:
                 prefilled = self._prefill(live)
             except Exception:
-                log.warning("a prefill of %d prompts failed; prefilling each alone", len(live))
+                log.warning("a prefill of %d prompts failed; prefilling each alone", len(live), exc_info=True)
                 prefilled = [self._prefill_alone(group) for group in live]
         for group, got in zip(live, prefilled):
             if got is not None:
@@ -389,35 +399,34 @@ class Engine:
             return None
 
     def _prefill(self, groups: list[_Group]) -> list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
-        """One forward over the prompts of ``groups``, left-padded to the longest (a mask hides the padding and
-        each row's positions start at 0, so every row computes what it computes alone; a single prompt goes
-        through unpadded and unmasked, as ``generate``). Per group: ``(last logits (1, vocab), keys, values)``,
-        the cache ``(1, kv_heads, T, head_dim)`` per layer without the padding."""
-        lengths = [len(g.request.prompt) for g in groups]
-        width = max(lengths)
-        ids = torch.zeros(len(groups), width, dtype=torch.long)
-        mask = torch.zeros(len(groups), width, dtype=torch.long)
-        for i, (group, n) in enumerate(zip(groups, lengths)):
-            ids[i, width - n :] = torch.tensor(group.request.prompt)
-            mask[i, width - n :] = 1
-        args: dict[str, Any] = {"input_ids": ids.to(self.device), "use_cache": True}
+        """One forward over the prompts of ``groups``, each past the prefix its adapter already computed for an
+        earlier prompt, packed into one sequence (:mod:`lorakit.serve.prefix`: each token sees only its own
+        prompt and goes through its own adapter, so every prompt computes what it computes alone). Per group:
+        ``(last logits (1, vocab), keys, values)``, the whole prompt's cache ``(1, kv_heads, T, head_dim)`` per
+        layer; each is kept for later prompts."""
+        prompts = [g.request.prompt for g in groups]
+        cached = [self._prefix.lookup(g.request.adapter, g.request.prompt) for g in groups]
+        packed = pack_prompts(prompts, cached, self.device, self.dtype)
+        args = {**packed.args, "use_cache": True}
+        if packed.past_keys is not None:
+            args[self._cache_arg] = past_cache(packed.past_keys, packed.past_values)
         if self._keep_logits:
-            args["logits_to_keep"] = 1
-        if len(groups) > 1:
-            args["attention_mask"] = mask.to(self.device)
-            args["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
-        out = self._call(args, [g.request.adapter for g in groups])
-        logits = out.logits[:, -1]  # (b, vocab)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        keys, values = cache_tensors(cache)
-        return [
-            (
-                logits[i : i + 1],
-                [k[i : i + 1, :, width - n :] for k in keys],
-                [v[i : i + 1, :, width - n :] for v in values],
-            )
-            for i, n in enumerate(lengths)
-        ]
+            args["logits_to_keep"] = torch.tensor(packed.last, device=self.device) if len(groups) > 1 else 1
+        names = [g.request.adapter for g, (_, _, _, n) in zip(groups, packed.spans) for _ in range(n)]
+        out = self._call(args, names if len(groups) > 1 else names[:1], per_token=len(groups) > 1)
+        if len(groups) == 1:
+            logits = out.logits[:, -1]
+        else:  # (prompts, vocab)
+            logits = out.logits[0] if self._keep_logits else out.logits[0, packed.last]
+        keys, values = cache_tensors(out.cache if getattr(out, "cache", None) is not None else out.past_key_values)
+        past = 0 if packed.past_keys is None else packed.past_keys[0].shape[2]
+        got = []
+        for i, (group, span) in enumerate(zip(groups, packed.spans)):
+            prompt_keys, prompt_values = prompt_cache(keys, values, span, past)
+            self.observer.prefilled(group.request.adapter, span[1])
+            self._prefix.store(group.request.adapter, prompts[i], prompt_keys, prompt_values)
+            got.append((logits[i : i + 1], prompt_keys, prompt_values))
+        return got
 
     def _start(self, group: _Group, logits: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Give each of ``group``'s choices its first token and a row holding the prompt's cache."""
@@ -475,11 +484,15 @@ class Engine:
         args = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: cache}
         return self._call({**args, "use_cache": True}, [r.group.request.adapter for r in rows]).logits[:, -1]
 
-    def _call(self, args: dict[str, Any], names: list[str]) -> Any:
-        if hasattr(self.model, "peft_config"):
-            args = {**args, "adapter_names": names}
+    def _call(self, args: dict[str, Any], names: list[str], per_token: bool = False) -> Any:
+        """The model on ``args``, row i (token i with ``per_token``) through adapter ``names[i]``."""
         with torch.inference_mode():
-            return self.model(**args)
+            if not hasattr(self.model, "peft_config"):
+                return self.model(**args)
+            if not per_token:
+                return self.model(**args, adapter_names=names)
+            with self.model.base_model.rows_routed(names, per_token=True):
+                return self.model(**args)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Each row's next token from its logits ``(b, vocab)``; stop tokens masked for rows under ``min_tokens``."""

@@ -7,6 +7,8 @@ name                                       kind        what
                                                        (the HTTP status; ``499`` when the client left
                                                        before the answer ended)
 ``lorakit_prompt_tokens_total``            counter     prompt tokens read, by ``adapter``
+``lorakit_prefix_cache_hit_tokens_total``  counter     prompt tokens whose keys and values came from the
+                                                       prefix cache (not computed again), by ``adapter``
 ``lorakit_generated_tokens_total``         counter     tokens generated, by ``adapter`` (stop tokens too)
 ``lorakit_finished_sequences_total``       counter     answers (choices) ended, by ``adapter`` and ``reason``:
                                                        ``stop``, ``length`` or ``cancelled``
@@ -48,6 +50,9 @@ class Metrics(Observer):
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("lorakit_requests", "Generation requests", ["adapter", "status"], registry=r)
         self.prompt_tokens = Counter("lorakit_prompt_tokens", "Prompt tokens read", ["adapter"], registry=r)
+        self.prefix_hits = Counter(
+            "lorakit_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache", ["adapter"], registry=r
+        )
         self.generated_tokens = Counter("lorakit_generated_tokens", "Tokens generated", ["adapter"], registry=r)
         self.finished_sequences = Counter(
             "lorakit_finished_sequences", "Answers ended", ["adapter", "reason"], registry=r
@@ -75,6 +80,9 @@ class Metrics(Observer):
 
     def waiting(self, count: int) -> None:
         self.queue_length.set(count)
+
+    def prefilled(self, adapter: str, cached_tokens: int) -> None:
+        self.prefix_hits.labels(adapter=self._label(adapter)).inc(cached_tokens)
 
     def step(self, rows: int) -> None:
         self.batch_size.observe(rows)

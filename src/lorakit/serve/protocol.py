@@ -141,6 +141,9 @@ class Observer:
 
     def waiting(self, count: int) -> None: ...
 
+    def prefilled(self, adapter: str, cached_tokens: int) -> None:
+        """A prompt was prefilled, its first ``cached_tokens`` taken from the prefix cache."""
+
     def step(self, rows: int) -> None: ...
 
     def running(self, rows: int) -> None: ...

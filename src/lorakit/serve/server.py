@@ -50,6 +50,7 @@ def build_service(
     max_tokens: int | None = None,
     context: int | None = None,
     shutdown_timeout: float = 30.0,
+    prefix_cache_mb: float = 1024,
 ) -> Service:
     """Start the engine on ``model``, load ``adapters`` ({name: folder}) and build the application.
 
@@ -60,6 +61,8 @@ def build_service(
     window = model_context(model.config, context)
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"--max-tokens {max_tokens}: give a positive number of tokens")
+    if prefix_cache_mb < 0:
+        raise ConfigError(f"--prefix-cache-mb {prefix_cache_mb}: give 0 (no prefix cache) or more MiB")
     metrics = Metrics(base_name)
     engine = Engine(
         model,
@@ -68,6 +71,7 @@ def build_service(
         max_batch=max_batch,
         max_queue=max_queue,
         observer=metrics,
+        prefix_cache_bytes=int(prefix_cache_mb * 2**20),
     ).start()
     try:
         for name, folder in (adapters or {}).items():

@@ -441,8 +441,9 @@ class BaseTuner(Tuner):
         self.set_adapter(self.active_adapters)
 
     @contextlib.contextmanager
-    def rows_routed(self, adapter_names: list[str], batch: int | None = None) -> Iterator[None]:
-        """Inside the block, row i of every batch goes through adapter ``adapter_names[i]`` (``"__base__"``: none).
+    def rows_routed(self, adapter_names: list[str], batch: int | None = None, per_token: bool = False) -> Any:
+        """Inside the block, row i of every batch goes through adapter ``adapter_names[i]`` (``"__base__"``: none);
+        with ``per_token``, token i of the flattened batch (sequences packed in a row; LoRA linear layers only).
 
         The routing holds for this model's layers, in the calling thread (context) only: other threads, and other
         models called inside the block, run as they would without it. Calls from several threads at once each get
@@ -481,7 +482,7 @@ class BaseTuner(Tuner):
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
-        with routed(layers, RowRouting(names)):
+        with routed(layers, RowRouting(names, per_token)):
             yield
 
     def _refuse_merged(self) -> None:

@@ -24,6 +24,10 @@ over adapters, one sub-batch each. A row named ``"__base__"``, or naming an adap
 LoRA, DoRA and AdaLoRA rows mix in one batch. An adapter with a bias on B (``lora_bias``) adds its ``s·b_B`` to
 its own rows (a ``(batch, out)`` table built with the plan).
 
+**Packed sequences.** With names per token (``rows_routed(names, per_token=True)``: ``batch × sequence`` names),
+every token is a row of its own: sequences of different adapters packed into one row (``lorakit serve`` prefills
+waiting prompts that way, without padding) each go through their own adapter.
+
 **Threads.** Which rows go where is per-call state: :func:`routed` puts it in a context variable (each thread,
 each asyncio task, sees its own), mapping the layers of the model that was called to that call's
 :class:`RowRouting`, so a model called inside another model's forward keeps its own rows (or its active
@@ -191,7 +195,11 @@ def _fresh(watched: list[tuple[torch.Tensor, int, int]]) -> bool:
 
 def mixed_forward(layer: LoraLayer, x: torch.Tensor, routing: RowRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``layer``'s output for a batch whose row i goes through adapter ``routing.rows(batch)[i]`` (eval only: no
-    dropout)."""
+    dropout); with names per token (:attr:`RowRouting.per_token`), token j of the flattened batch through
+    ``routing.names[j]``."""
+    if routing.per_token and x.dim() > 2 and x.shape[0] != len(routing.names):  # each token a row: (b·T, 1, in)
+        out = mixed_forward(layer, x.reshape(-1, 1, x.shape[-1]), routing, *args, **kwargs)
+        return out.view(*x.shape[:-1], out.shape[-1])
     result = layer.base_layer(x, *args, **kwargs)
     seen = routing._seen.get(layer)
     if seen is not None and seen[0] == x.shape[0] and seen[1] == result.dtype:
