@@ -12,12 +12,16 @@ i mod 8 ("mixed") or all on adapter 0 ("single"). Request r of client i asks for
 same work whatever the adapters say, and answers of different lengths make rows join and leave the batch at
 different steps, as continuous batching is meant for. Measured client-side from the SSE stream: aggregate
 tokens/s (all tokens / wall time), time to first token and inter-token latency (p50, p99); server-side, the
-rows per decode step. The clients run in a process of their own (as real clients would), so they never hold the
-server's GIL. The modes alternate, each pair ``--rounds`` times; the table takes each one's median.
+rows per decode step and the prompt tokens the prefix cache gave. The clients run in a process of their own (as
+real clients would), so they never hold the server's GIL. The modes alternate, each pair ``--rounds`` times; the
+table takes each one's median. Every user message is new (its first words number the run, the client and the
+request), so prompts share only the chat template and its system prompt; before the runs, each adapter answers
+one request (a server that has been running holds that prefix for every adapter).
 
 The baselines answer requests one at a time in-process, ``set_adapter`` then ``generate`` (the same lengths,
 ``min_new_tokens``): lorakit's PeftModel, and PEFT's when it is installed ("the way a PEFT user serves today").
-The issue's goals: mixed >= 0.9x single, and at 32 clients >= 8x the sequential tokens/s.
+The ceiling: a static batch, the first request of every client in one ``generate`` call on one adapter, each
+answer the mean length. The issue's goals: mixed >= 0.9x single, and at 32 clients >= 8x the sequential tokens/s.
 """
 
 from __future__ import annotations
@@ -47,10 +51,11 @@ QUESTIONS = [
 ]
 
 
-def question(client: int, request: int) -> str:
-    """Request ``request`` of client ``client``: every user message differs from its first words, so what prompts
-    share is the chat template and its system prompt, as in a real chat service (the prefix cache reuses that)."""
-    return f"Request {client}.{request}: {QUESTIONS[(client + request) % len(QUESTIONS)]}"
+def question(client: int, request: int, run: str = "") -> str:
+    """Request ``request`` of client ``client`` in run ``run``: every user message differs from its first words,
+    in every run, so what prompts share is the chat template and its system prompt, as in a real chat service
+    (the prefix cache reuses that, and no run finds an earlier run's prompts in it)."""
+    return f"Request {run}{client}.{request}: {QUESTIONS[(client + request) % len(QUESTIONS)]}"
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,10 +75,12 @@ def make_adapters(folder: Path, count: int) -> dict[str, str]:
     return out
 
 
-async def one_client(http: httpx.AsyncClient, model: str, requests: int, lengths: list[int], offset: int) -> list[dict]:
+async def one_client(
+    http: httpx.AsyncClient, model: str, requests: int, lengths: list[int], offset: int, run: str
+) -> list[dict]:
     out = []
     for r in range(requests):
-        text = question(offset, r)
+        text = question(offset, r, run)
         body = {
             "model": model,
             "messages": [{"role": "user", "content": text}],
@@ -98,16 +105,16 @@ async def one_client(http: httpx.AsyncClient, model: str, requests: int, lengths
     return out
 
 
-def client_process(url: str, models: list[str], requests: int, lengths: list[int]) -> dict:
+def client_process(url: str, models: list[str], requests: int, lengths: list[int], run: str) -> dict:
     """The load generator, run in a process of its own so that it never holds the server's GIL."""
-    return asyncio.run(run_clients(url, models, requests, lengths))
+    return asyncio.run(run_clients(url, models, requests, lengths, run))
 
 
-async def run_clients(url: str, models: list[str], requests: int, lengths: list[int]) -> dict:
+async def run_clients(url: str, models: list[str], requests: int, lengths: list[int], run: str) -> dict:
     limits = httpx.Limits(max_connections=len(models) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_client(http, m, requests, lengths, i) for i, m in enumerate(models)))
+        results = await asyncio.gather(*(one_client(http, m, requests, lengths, i, run) for i, m in enumerate(models)))
         wall = time.perf_counter() - start
     flat = [r for client in results for r in client]
     ttft = sorted(r["ttft"] for r in flat if r["ttft"] is not None)
@@ -266,13 +273,17 @@ def main() -> None:
         rows = []
         clients_pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         clients_pool.submit(time.sleep, 0).result()  # started before the clock runs
+        # a server that has been running: every adapter has answered once (the template's prefix is cached)
+        clients_pool.submit(client_process, url, ["base", *names], 1, [1], "warm-").result()
         for clients in args.clients:
             for round_ in range(args.rounds):
                 for mode in ("mixed", "single") if round_ % 2 == 0 else ("single", "mixed"):
                     models = [names[i % len(names)] if mode == "mixed" else names[0] for i in range(clients)]
                     batches.clear()
                     cached.clear()
-                    result = clients_pool.submit(client_process, url, models, args.requests, args.lengths).result()
+                    run = f"{clients}{mode[0]}{round_}-"
+                    job = clients_pool.submit(client_process, url, models, args.requests, args.lengths, run)
+                    result = job.result()
                     result["steps"] = len(batches)
                     result["rows_per_step_mean"] = round(sum(batches) / len(batches), 2) if batches else None
                     result["rows_per_step_max"] = max(batches, default=None)

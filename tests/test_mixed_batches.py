@@ -124,15 +124,18 @@ def test_the_concatenated_factors_follow_weight_changes():
         torch.testing.assert_close(mixed[1:], alone(model, "wide", ids[1:]), rtol=1e-5, atol=1e-5)
 
 
+def _pack(layer):
+    (pack,) = [cached[2] for cached in layer.__dict__["_mixed_packs"].values()]
+    return pack
+
+
 def _plans_used(model):
     from lorakit.tuners.lora.layer import LoraLayer
 
     plans = set()
     for layer in model.modules():
-        if isinstance(layer, LoraLayer) and "_mixed_pack" in layer.__dict__:
-            plans.update(
-                "grouped" if p.rows.grouped else "masked" for p in layer.__dict__["_mixed_pack"][2]._plans.values()
-            )
+        for _, _, pack in layer.__dict__.get("_mixed_packs", {}).values() if isinstance(layer, LoraLayer) else ():
+            plans.update("grouped" if p.rows.grouped else "masked" for p in pack._plans.values())
     return plans
 
 
@@ -142,9 +145,15 @@ def _plans_used(model):
         (["wide", "small", "dora", "wide", "small", "dora"], "grouped"),  # balanced: each row its adapter only
         (["wide", "wide", "small", "__base__", "wide", "dora", "small"], "grouped"),  # padded groups, base rows
         (["wide"] * 6 + ["small"], "masked"),  # one big group: padding the others would cost more than masking
+        (["wide", "small", "dora", "wide", "small", "dora"], "masked real"),  # 6 rows: gathering costs more
     ],
 )
-def test_both_plans_give_each_row_its_own_adapter(names, plan):
+def test_both_plans_give_each_row_its_own_adapter(names, plan, monkeypatch):
+    from lorakit.tuners.lora import mixed as mixed_module
+
+    if plan != "masked real":  # the plans' arithmetic alone (the tiny ranks never pay for gathering)
+        monkeypatch.setattr(mixed_module, "GROUPED_OVERHEAD", 0)
+    plan = plan.split()[0]
     model = model_with_adapters()
     torch.manual_seed(2)
     ids = torch.randint(0, 96, (len(names), 9))
@@ -191,11 +200,28 @@ def test_rows_in_a_new_order_keep_each_layers_pack_and_share_one_row_plan_per_la
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(RowRouting, "__init__", spy)
         first = model(input_ids=ids, adapter_names=["a", "b", "a", "b"]).logits
-        packs = [layer.__dict__["_mixed_pack"][2] for layer in layers]
+        packs = [_pack(layer) for layer in layers]
         flipped = model(input_ids=ids[[1, 0, 3, 2]], adapter_names=["b", "a", "b", "a"]).logits
-    assert [layer.__dict__["_mixed_pack"][2] for layer in layers] == packs  # the same objects
+    assert [_pack(layer) for layer in layers] == packs  # the same objects
     assert all(len(pack._plans) == 2 for pack in packs)
     assert len(made) == 2 and all(len(routing.shared) == 1 for routing in made)  # one row plan for all layers
     plans = {id(plan.rows) for pack in packs for plan in pack._plans.values()}
     assert len(plans) == 2  # two orders of rows, each shared by every layer
     torch.testing.assert_close(flipped, first[[1, 0, 3, 2]], rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_keeps_the_packs_of_several_compositions():
+    """A server alternates prefills that name a few adapters with decode steps that name them all: neither call
+    rebuilds the other's pack (stacks, concatenations, plans)."""
+    from lorakit.tuners.lora.layer import LoraLayer
+
+    model = model_with_adapters()
+    ids = torch.randint(0, 96, (3, 4))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer) and {"wide", "small"} <= set(m.r))
+    both = tuple(a for a in layer.r if a in ("wide", "small"))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["wide", "small", "wide"])
+        pack = layer.__dict__["_mixed_packs"][both][2]
+        model(input_ids=ids[:1], adapter_names=["small"])
+        model(input_ids=ids, adapter_names=["wide", "small", "wide"])
+    assert layer.__dict__["_mixed_packs"][both][2] is pack and set(layer.__dict__["_mixed_packs"]) == {both, ("small",)}

@@ -31,6 +31,18 @@ def test_the_command_line_lists_serve_and_its_options():
         256,
         "127.0.0.1",
     )
+    assert args.prefix_cache_mb == 1024
+    assert build_parser().parse_args(["serve", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
+
+
+def test_a_negative_prefix_cache_is_refused_before_anything_starts(files):
+    from lorakit.errors import ConfigError
+    from lorakit.hub import load_model
+    from lorakit.serve.server import build_service
+
+    model, tokenizer = load_model(files.model)
+    with pytest.raises(ConfigError, match="--prefix-cache-mb -1"):
+        build_service(model, tokenizer, base_name="tiny", prefix_cache_mb=-1)
 
 
 def test_serve_answers_then_finishes_in_flight_answers_on_sigterm(files):
