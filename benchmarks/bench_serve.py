@@ -138,6 +138,16 @@ def _pct(values: list[float], p: int) -> float | None:
     return round(values[min(len(values) - 1, int(len(values) * p / 100))], 4)
 
 
+def with_adapters(loaded: tuple, adapters: dict[str, str], peft_model: type) -> tuple:
+    """``(model, tokenizer)`` with every adapter loaded (``peft_model``: lorakit's PeftModel or PEFT's), eval mode."""
+    model, tokenizer = loaded
+    names = list(adapters)
+    model = peft_model.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval(), tokenizer
+
+
 def sequential(adapters: dict[str, str], requests: int, lengths: list[int], library: str) -> dict:
     """One request at a time in-process: set_adapter, then generate (the chat template, greedy, a fixed length)."""
     from lorakit.hub import load_model
@@ -146,12 +156,8 @@ def sequential(adapters: dict[str, str], requests: int, lengths: list[int], libr
         from peft import PeftModel
     else:
         from lorakit import PeftModel
-    model, tokenizer = load_model(None)
+    model, tokenizer = with_adapters(load_model(None), adapters, PeftModel)
     names = list(adapters)
-    model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
-    model.eval()
     tokens, start = 0, time.perf_counter()
     for i in range(requests):
         model.set_adapter(names[i % len(names)])

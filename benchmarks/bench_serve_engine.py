@@ -1,0 +1,112 @@
+"""The serve engine alone, without HTTP: bench_serve's workload submitted in-process, to tell the model path's cost
+from the server's. Times every prefill and decode step, mixed (client i on adapter i mod 8) against single.
+
+    python benchmarks/bench_serve_engine.py --threads 1 --clients 8
+    python benchmarks/bench_serve_engine.py --clients 32 --prefix-cache-mb 0      # without the prefix cache
+
+Setup as ``bench_serve.py``: SmolLM2-135M, 8 random LoRA adapters (r = 8, the seven projections), each client
+sending ``--requests`` chat requests one after the other for exactly 16-48 tokens (``ignore_eos``), every user
+message new, after one request per adapter. Prints per mode: tokens/s, prefill seconds and calls, decode steps
+and their median time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serve import make_adapters, question, with_adapters  # noqa: E402
+
+LENGTHS = [16, 24, 32, 40, 48]
+
+
+def run(engine_args: dict, model, tokenizer, names: list[str], mode: str, clients: int, requests: int) -> dict:
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.protocol import Failed, Finished, GenerationRequest
+
+    engine = Engine(model, stop_ids=set(), context=2048, **engine_args)
+    spent: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for name in spent:
+        inner = getattr(engine, "_" + name)
+
+        def timed(*args, _inner=inner, _name=name):
+            start = time.perf_counter()
+            out = _inner(*args)
+            spent[_name].append(time.perf_counter() - start)
+            return out
+
+        setattr(engine, "_" + name, timed)
+    engine.start()
+
+    def prompt(i: int, r: int) -> tuple[int, ...]:
+        messages = [{"role": "user", "content": question(i, r, mode)}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def answer(request: GenerationRequest) -> None:
+        handle = engine.submit(request, asyncio.get_running_loop())
+        while not isinstance((await handle.events.get())[1], (Finished, Failed)):
+            pass
+
+    async def client(i: int) -> None:
+        for r in range(requests):
+            adapter = names[i % len(names)] if mode == "mixed" else names[0]
+            length = LENGTHS[(i + r) % len(LENGTHS)]
+            await answer(GenerationRequest(prompt(i, r), adapter, length, ignore_eos=True))
+
+    async def everyone() -> float:
+        # a server that has been running: every adapter has answered once (the template's prefix is cached)
+        await asyncio.gather(*(answer(GenerationRequest(prompt(-1 - j, 0), name, 1)) for j, name in enumerate(names)))
+        for times in spent.values():
+            times.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        return time.perf_counter() - start
+
+    try:
+        wall = asyncio.run(everyone())
+    finally:
+        engine.stop()
+    tokens = sum(LENGTHS[(i + r) % len(LENGTHS)] for i in range(clients) for r in range(requests))
+    return {
+        "mode": mode,
+        "tokens_per_s": round(tokens / wall, 2),
+        "prefill_s": round(sum(spent["prefill"]), 2),
+        "prefills": len(spent["prefill"]),
+        "decode_s": round(sum(spent["decode"]), 2),
+        "steps": len(spent["decode"]),
+        "step_median_ms": round(statistics.median(spent["decode"]) * 1000, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lorakit import PeftModel
+    from lorakit.hub import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(Path(tmp), 8)
+        model, tokenizer = with_adapters(load_model(None), adapters, PeftModel)
+        names = list(adapters)
+        engine_args = {"max_batch": 32, "prefix_cache_bytes": int(args.prefix_cache_mb * 2**20)}
+        for mode in ("mixed", "single"):
+            print(run(engine_args, model, tokenizer, names, mode, args.clients, args.requests), flush=True)
+
+
+if __name__ == "__main__":
+    main()
