@@ -410,13 +410,16 @@ class Engine:
         args = {**packed.args, "use_cache": True}
         if packed.past_keys is not None:
             args[self._cache_arg] = past_cache(packed.past_keys, packed.past_values)
-        if self._keep_logits:
-            args["logits_to_keep"] = torch.tensor(packed.last, device=self.device) if len(groups) > 1 else 1
-        names = [g.request.adapter for g, (_, _, _, n) in zip(groups, packed.spans) for _ in range(n)]
-        out = self._call(args, names if len(groups) > 1 else names[:1], per_token=len(groups) > 1)
-        if len(groups) == 1:
+        if len(groups) == 1:  # as generate runs it: one row, one adapter, the last token's logits
+            if self._keep_logits:
+                args["logits_to_keep"] = 1
+            out = self._call(args, [groups[0].request.adapter])
             logits = out.logits[:, -1]
-        else:  # (prompts, vocab)
+        else:  # one packed row, an adapter per token, each prompt's last token's logits (prompts, vocab)
+            if self._keep_logits:
+                args["logits_to_keep"] = torch.tensor(packed.last, device=self.device)
+            names = [g.request.adapter for g, (_, _, _, n) in zip(groups, packed.spans) for _ in range(n)]
+            out = self._call(args, names, per_token=True)
             logits = out.logits[0] if self._keep_logits else out.logits[0, packed.last]
         keys, values = cache_tensors(out.cache if getattr(out, "cache", None) is not None else out.past_key_values)
         past = 0 if packed.past_keys is None else packed.past_keys[0].shape[2]
