@@ -124,8 +124,13 @@ def test_the_concatenated_factors_follow_weight_changes():
         torch.testing.assert_close(mixed[1:], alone(model, "wide", ids[1:]), rtol=1e-5, atol=1e-5)
 
 
+def _packs(layer):
+    """The distinct packs a layer keeps (several compositions may run on one)."""
+    return list({id(e.pack): e.pack for e in layer.__dict__.get("_mixed_packs", {}).values()}.values())
+
+
 def _pack(layer):
-    (pack,) = [cached[2] for cached in layer.__dict__["_mixed_packs"].values()]
+    (pack,) = _packs(layer)
     return pack
 
 
@@ -134,7 +139,7 @@ def _plans_used(model):
 
     plans = set()
     for layer in model.modules():
-        for _, _, pack in layer.__dict__.get("_mixed_packs", {}).values() if isinstance(layer, LoraLayer) else ():
+        for pack in _packs(layer) if isinstance(layer, LoraLayer) else ():
             plans.update("grouped" if p.rows.grouped else "masked" for p in pack._plans.values())
     return plans
 
@@ -212,16 +217,115 @@ def test_rows_in_a_new_order_keep_each_layers_pack_and_share_one_row_plan_per_la
 
 def test_a_layer_keeps_the_packs_of_several_compositions():
     """A server alternates prefills that name a few adapters with decode steps that name them all: neither call
-    rebuilds the other's pack (stacks, concatenations, plans)."""
+    rebuilds the other's pack (stacks, concatenations, plans). Two of three adapters (widths 8 + 2 of 14) run on the
+    pack of all three, which later calls of any two or three reuse; one alone (2 of 14) gets a pack of its own."""
     from lorakit.tuners.lora.layer import LoraLayer
 
     model = model_with_adapters()
     ids = torch.randint(0, 96, (3, 4))
-    layer = next(m for m in model.modules() if isinstance(m, LoraLayer) and {"wide", "small"} <= set(m.r))
-    both = tuple(a for a in layer.r if a in ("wide", "small"))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer) and set(m.r) == {"wide", "small", "dora"})
+    both, everything = tuple(a for a in layer.r if a in ("wide", "small")), tuple(layer.r)
     with torch.no_grad():
         model(input_ids=ids, adapter_names=["wide", "small", "wide"])
-        pack = layer.__dict__["_mixed_packs"][both][2]
+        pack = layer.__dict__["_mixed_packs"][both].pack
         model(input_ids=ids[:1], adapter_names=["small"])
         model(input_ids=ids, adapter_names=["wide", "small", "wide"])
-    assert layer.__dict__["_mixed_packs"][both][2] is pack and set(layer.__dict__["_mixed_packs"]) == {both, ("small",)}
+        model(input_ids=ids, adapter_names=["dora", "small", "wide"])
+    packs = layer.__dict__["_mixed_packs"]
+    assert pack.adapters == everything and packs[both].pack is pack and packs[everything].pack is pack
+    assert set(packs) == {both, everything, ("small",)} and len(_packs(layer)) == 2
+
+
+EQUAL = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **RANDOM)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fewer_adapters_run_on_the_pack_of_more_without_building_one(grouped, monkeypatch):
+    """A decode step naming some of the adapters of an earlier step runs on that step's pack (the others' blocks
+    masked, or their groups empty), builds nothing, and each row still equals its adapter alone."""
+    from lorakit.tuners.lora import mixed as mixed_module
+
+    if grouped:
+        monkeypatch.setattr(mixed_module, "GROUPED_OVERHEAD", -(10**6))
+    model = model_with_adapters(adapters={name: LoraConfig(**EQUAL) for name in "abcd"})
+    built = []
+    init = mixed_module._Pack.__init__
+    monkeypatch.setattr(mixed_module._Pack, "__init__", lambda self, *a: (built.append(a[1]), init(self, *a))[1])
+    torch.manual_seed(3)
+    ids = torch.randint(0, 96, (4, 6))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["a", "b", "c", "d"])
+        count = len(built)
+        for names in (["c", "a", "b", "a"], ["b", "a", "b", "a"], ["d", "__base__", "b", "d"]):
+            mixed = model(input_ids=ids, adapter_names=names).logits
+            for row, name in enumerate(names):
+                torch.testing.assert_close(mixed[row : row + 1], alone(model, name, ids[row : row + 1]))
+        assert len(built) == count  # 3 and 2 of 4 equal ranks: within COVER_SLACK of the pack of all four
+        model(input_ids=ids, adapter_names=["c"] * 4)
+        assert len(built) == 2 * count and set(built[-1]) == {"c"}  # 1 of 4 is too narrow: a pack of its own
+        assert _plans_used(model) == {"grouped" if grouped else "masked"}
+
+
+def test_a_wide_pack_is_rebuilt_when_an_adapter_it_holds_changes():
+    model = model_with_adapters(adapters={name: LoraConfig(**EQUAL) for name in "abc"})
+    ids = torch.randint(0, 96, (3, 5))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["a", "b", "c"])
+        model(input_ids=ids, adapter_names=["a", "b", "a"])
+        for n, p in model.named_parameters():
+            if "lora_B.b" in n:
+                p.add_(0.5)
+        mixed = model(input_ids=ids, adapter_names=["a", "b", "a"]).logits
+        torch.testing.assert_close(mixed[1:2], alone(model, "b", ids[1:2]))
+
+
+def test_a_layer_keeps_its_packs_within_a_budget_of_its_adapters_width(monkeypatch):
+    """Every composition of 6 adapters, one after the other: the packs a layer keeps stay within PACK_BUDGET times
+    the width of all its adapters, and it remembers at most MAX_COMPOSITIONS compositions."""
+    import itertools
+
+    from lorakit.tuners.lora import mixed as mixed_module
+    from lorakit.tuners.lora.layer import LoraLayer
+
+    monkeypatch.setattr(mixed_module, "MAX_COMPOSITIONS", 12)
+    model = model_with_adapters(adapters={name: LoraConfig(**EQUAL) for name in "abcdef"})
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    ids = torch.randint(0, 96, (3, 2))
+    with torch.no_grad():
+        for size in (1, 2, 3):
+            for names in itertools.combinations("abcdef", size):
+                model(input_ids=ids, adapter_names=list(itertools.islice(itertools.cycle(names), 3)))
+                for layer in layers:
+                    kept = layer.__dict__["_mixed_packs"]
+                    assert sum(p.width for p in _packs(layer)) <= mixed_module.PACK_BUDGET * 24
+                    assert len(kept) <= 12 and tuple(a for a in layer.r if a in names) in kept
+
+
+def test_an_adapter_the_call_does_not_name_cannot_fail_it(monkeypatch):
+    """Packing every adapter of a layer is a shortcut: where one the call does not name cannot be packed, the call
+    packs those it names."""
+    from lorakit.tuners.lora import mixed as mixed_module
+
+    model = model_with_adapters(adapters={name: LoraConfig(**EQUAL) for name in "abc"})
+    init = mixed_module._Pack.__init__
+
+    def refuse_c(self, layer, adapters):
+        if "c" in adapters:
+            raise RuntimeError("c cannot be packed")
+        init(self, layer, adapters)
+
+    monkeypatch.setattr(mixed_module._Pack, "__init__", refuse_c)
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["a", "b"]).logits
+        torch.testing.assert_close(mixed[1:], alone(model, "b", ids[1:]))
+
+
+def test_a_pack_that_holds_a_deleted_adapter_is_not_used():
+    model = model_with_adapters(adapters={name: LoraConfig(**EQUAL) for name in "abc"})
+    ids = torch.randint(0, 96, (3, 5))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["a", "b", "c"])
+        model.delete_adapter("c")
+        mixed = model(input_ids=ids, adapter_names=["a", "b", "a"]).logits
+        torch.testing.assert_close(mixed[1:2], alone(model, "b", ids[1:2]))
