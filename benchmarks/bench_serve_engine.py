@@ -3,11 +3,17 @@ from the server's. Times every prefill and decode step, mixed (client i on adapt
 
     python benchmarks/bench_serve_engine.py --threads 1 --clients 8
     python benchmarks/bench_serve_engine.py --clients 32 --prefix-cache-mb 0      # without the prefix cache
+    python benchmarks/bench_serve_engine.py --threads 1 --steps                   # what bounds a mixed step
 
 Setup as ``bench_serve.py``: SmolLM2-135M, 8 random LoRA adapters (r = 8, the seven projections), each client
 sending ``--requests`` chat requests one after the other for exactly 16-48 tokens (``ignore_eos``), every user
 message new, after one request per adapter. Prints per mode: tokens/s, prefill seconds and calls, decode steps
 and their median time.
+
+``--steps`` instead times one decode step alone (8 rows, 120 cached tokens each), interleaved: the base model, one
+adapter, the 8 adapters one per row, and one rank-64 adapter (as many bytes as the 8 rank-8 ones), with the ratio
+the bytes a step reads allow: decoding a few rows reads every weight once, so a mixed step reads 8 adapters'
+factors where a single one reads one.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import make_adapters, question, with_adapters  # noqa: E402
+from bench_serve import TARGETS, make_adapters, question, with_adapters  # noqa: E402
 
 LENGTHS = [16, 24, 32, 40, 48]
 
@@ -87,12 +93,63 @@ def run(engine_args: dict, model, tokenizer, names: list[str], mode: str, client
     }
 
 
+def steps(model, names: list[str], rows: int = 8, repeats: int = 15) -> dict:
+    """Median decode-step times (ms) of the base, one adapter, all adapters (one per row) and one rank-64 adapter."""
+    import copy
+
+    from lorakit import LoraConfig
+
+    torch.manual_seed(5)
+    model.add_adapter("r64", LoraConfig(r=64, lora_alpha=128, target_modules=TARGETS, init_lora_weights=False))
+    model.eval()
+    with torch.inference_mode():
+        past = model(input_ids=torch.randint(0, 1000, (rows, 120)), use_cache=True, adapter_names=[names[0]] * rows)
+    args = {
+        "input_ids": torch.randint(0, 1000, (rows, 1)),
+        "attention_mask": torch.ones(rows, 121, dtype=torch.long),
+        "position_ids": torch.full((rows, 1), 120),
+        "use_cache": True,
+    }
+    modes = {
+        "base": ["__base__"] * rows,
+        "single": [names[0]] * rows,
+        "mixed": [names[i % len(names)] for i in range(rows)],
+        "single_r64": ["r64"] * rows,
+    }
+
+    def step(row_names: list[str]) -> float:
+        cache = copy.deepcopy(past.past_key_values)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(**args, past_key_values=cache, adapter_names=row_names)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for r in range(repeats + 2):
+        for mode, row_names in modes.items():
+            spent = step(row_names)
+            if r >= 2:  # the first two build the packs
+                times[mode].append(spent)
+    out = {f"{mode}_ms": round(statistics.median(t) * 1000, 1) for mode, t in times.items()}
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    adapter_bytes = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if f"lora_A.{names[0]}." in n or f"lora_B.{names[0]}." in n
+    )
+    out["mixed_over_single"] = round(out["single_ms"] / out["mixed_ms"], 3)
+    out["bytes_bound"] = round((base_bytes + adapter_bytes) / (base_bytes + len(names) * adapter_bytes), 3)
+    model.delete_adapter("r64")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--prefix-cache-mb", type=float, default=1024)
+    parser.add_argument("--steps", action="store_true", help="time single decode steps instead (what bounds them)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,6 +160,9 @@ def main() -> None:
         adapters = make_adapters(Path(tmp), 8)
         model, tokenizer = with_adapters(load_model(None), adapters, PeftModel)
         names = list(adapters)
+        if args.steps:
+            print(steps(model, names), flush=True)
+            return
         engine_args = {"max_batch": 32, "prefix_cache_bytes": int(args.prefix_cache_mb * 2**20)}
         for mode in ("mixed", "single"):
             print(run(engine_args, model, tokenizer, names, mode, args.clients, args.requests), flush=True)
