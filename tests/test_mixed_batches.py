@@ -329,3 +329,30 @@ def test_a_pack_that_holds_a_deleted_adapter_is_not_used():
         model.delete_adapter("c")
         mixed = model(input_ids=ids, adapter_names=["a", "b", "a"]).logits
         torch.testing.assert_close(mixed[1:2], alone(model, "b", ids[1:2]))
+
+
+def test_a_kept_routing_skips_its_layers_checks_and_is_still_validated(monkeypatch):
+    """``rows_routed`` takes a RowRouting kept from an earlier block: its second call goes straight to the GEMMs
+    (no layer prepares again), gives the same rows, and its names are still checked."""
+    from lorakit.layers.routing import RowRouting
+    from lorakit.tuners.lora import mixed as mixed_module
+
+    model = model_with_adapters()
+    ids = torch.randint(0, 96, (3, 6))
+    calls = []
+    prepare = mixed_module._prepare
+    monkeypatch.setattr(mixed_module, "_prepare", lambda *a: (calls.append(a[0]), prepare(*a))[1])
+    routing = RowRouting(["wide", "small", "__base__"])
+    with torch.no_grad():
+        with model.base_model.rows_routed(routing):
+            first = model(input_ids=ids).logits
+        prepared = len(calls)
+        with model.base_model.rows_routed(routing):
+            second = model(input_ids=ids).logits
+        torch.testing.assert_close(second, first)
+        torch.testing.assert_close(first[:1], alone(model, "wide", ids[:1]))
+    assert prepared > 0 and len(calls) == prepared
+    with pytest.raises(AdapterNotFoundError, match="nope"), model.base_model.rows_routed(RowRouting(["nope"])):
+        pass
+    with pytest.raises(ConfigError, match="3 entries but the batch has 2"), model.base_model.rows_routed(routing, 2):
+        pass

@@ -214,3 +214,38 @@ def test_prompts_waiting_together_are_prefilled_packed_in_one_forward_each_as_al
     finally:
         hook.remove()
         engine.stop()
+
+
+def test_decode_steps_keep_one_routing_while_their_rows_stay_and_drop_it_on_a_delete(files, one_thread, monkeypatch):
+    """Between commands no weight changes, so the scheduler keeps the last decode step's routing (its layers skip
+    re-checking their packs) for as long as the rows name the same adapters; deleting an adapter drops it, and the
+    answer stays what the request gets alone."""
+    from lorakit import PeftModel
+    from lorakit.hub import load_model
+    from lorakit.layers.routing import RowRouting
+
+    model, tokenizer = load_model(files.model)
+    names = list(files.adapters)
+    model = PeftModel.from_pretrained(model, files.adapters[names[0]], adapter_name=names[0])
+    model.load_adapter(files.adapters[names[1]], adapter_name=names[1])
+    made = []
+    init = RowRouting.__init__
+    monkeypatch.setattr(RowRouting, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    engine = Engine(model, stop_ids=set(), context=256, max_batch=8, prefix_cache_bytes=0).start()
+    prompt = tuple(tokenizer("Say hello")["input_ids"])
+    requests = [GenerationRequest(prompt, name, 12) for name in names[:2]]
+
+    async def together():
+        loop = asyncio.get_running_loop()
+        return [await _events(h) for h in [engine.submit(r, loop) for r in requests]]
+
+    try:
+        crowd = asyncio.run(together())
+        decoding = [r for r in made if not r.per_token and len(r.names) == 2]  # (prefills: one name per token)
+        assert engine.steps >= 11 and len(decoding) <= 2  # not one per step
+        assert engine._routing in decoding
+        engine.delete_adapter(names[1]).result(60)
+        assert engine._routing is None
+        assert asyncio.run(_run(engine, requests[0]))[0] == crowd[0][0]
+    finally:
+        engine.stop()

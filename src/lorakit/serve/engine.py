@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import AdapterExistsError, AdapterNotFoundError, ConfigError
-from lorakit.layers.routing import BASE_ROW
+from lorakit.layers.routing import BASE_ROW, RowRouting
 from lorakit.serve.kv import SlotCache, cache_tensors
 from lorakit.serve.prefix import PrefixCache, pack_prompts, past_cache, prompt_cache
 from lorakit.serve.protocol import (
@@ -144,6 +144,9 @@ class Engine:
         self._rows: list[_Row] = []  # row i of the cache
         self._groups: dict[int, _Group] = {}
         self._deleting: dict[str, list[Future]] = {}
+        # the last per-row call's routing, kept while the rows' adapters are the same: no weight changes between
+        # steps but through load and delete commands (which drop it), so its layers skip re-checking their packs
+        self._routing: RowRouting | None = None
         self.steps = 0
 
     # -- the HTTP side ------------------------------------------------------------------------------
@@ -254,6 +257,7 @@ class Engine:
                     self._decode()
             except Exception:  # a bug or an exhausted device: fail what runs, keep serving
                 log.exception("scheduler turn failed; failing the running requests")
+                self._routing = None
                 for group in {id(r.group): r.group for r in self._rows}.values():
                     self._fail(group, 500, "the server failed while generating this answer")
                 self._sweep()
@@ -317,6 +321,7 @@ class Engine:
             raise AdapterExistsError(f"an adapter named {name!r} is already loaded (or being deleted)")
         config = PeftConfig.from_pretrained(path)
         self._prefix.drop(name)  # what an earlier adapter of this name computed
+        self._routing = None
         if config.peft_type != PeftType.LORA:
             raise ConfigError(
                 f"{path} holds a {config.peft_type.value} adapter; the server mixes LoRA adapters (LORA) in a batch"
@@ -346,6 +351,7 @@ class Engine:
                 continue
             futures = self._deleting.pop(name)
             self._prefix.drop(name)
+            self._routing = None
             try:
                 self.model.delete_adapter(name)
             except Exception as exc:
@@ -454,6 +460,7 @@ class Engine:
             self._slots.advance()
         except Exception:
             log.exception("decode step over %d rows failed; retrying each row alone", len(rows))
+            self._routing = None
             logits = self._step_rows_alone()
         self.steps += 1
         self.observer.step(len(rows))
@@ -492,9 +499,12 @@ class Engine:
         with torch.inference_mode():
             if not hasattr(self.model, "peft_config"):
                 return self.model(**args)
-            if not per_token:
-                return self.model(**args, adapter_names=names)
-            with self.model.base_model.rows_routed(names, per_token=True):
+            routing = self._routing
+            if per_token:
+                routing = RowRouting(names, per_token=True)
+            elif routing is None or routing.names != tuple(names):
+                routing = self._routing = RowRouting(names)
+            with self.model.base_model.rows_routed(routing):
                 return self.model(**args)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:

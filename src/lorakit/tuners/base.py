@@ -441,13 +441,14 @@ class BaseTuner(Tuner):
         self.set_adapter(self.active_adapters)
 
     @contextlib.contextmanager
-    def rows_routed(self, adapter_names: list[str], batch: int | None = None, per_token: bool = False) -> Any:
+    def rows_routed(self, adapter_names: Any, batch: int | None = None, per_token: bool = False) -> Any:
         """Inside the block, row i of every batch goes through adapter ``adapter_names[i]`` (``"__base__"``: none);
         with ``per_token``, token i of the flattened batch (sequences packed in a row; LoRA linear layers only).
 
         The routing holds for this model's layers, in the calling thread (context) only: other threads, and other
         models called inside the block, run as they would without it. Calls from several threads at once each get
-        their own rows.
+        their own rows. ``adapter_names`` may be a :class:`RowRouting` kept from an earlier block, by one thread that
+        knows no weight changed since (``lorakit serve``'s scheduler between commands): its layers skip their checks.
 
         Raises:
             ConfigError: not in eval mode, names that are not a list of strings, a length other than ``batch``.
@@ -457,13 +458,13 @@ class BaseTuner(Tuner):
         """
         if self.training:
             raise ConfigError("adapter_names (a batch that mixes adapters) runs in eval mode; call model.eval() first")
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise ConfigError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
-        names = list(adapter_names)
+        kept = adapter_names if isinstance(adapter_names, RowRouting) else None
+        names = kept.names if kept else adapter_names
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"adapter_names must be a list of adapter names, one per row; got {names!r}")
+        names = list(names)
         if batch is not None and len(names) != batch:
-            raise ConfigError(
-                f"adapter_names has {len(names)} entries but the batch has {batch} rows; give one per row"
-            )
+            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {batch} rows: one per row")
         for name in dict.fromkeys(names):
             if name != BASE_ROW and name not in self.peft_config:
                 raise AdapterNotFoundError(
@@ -482,7 +483,7 @@ class BaseTuner(Tuner):
         merged = sorted({a for layer in layers for a in layer.merged_adapters})
         if merged:
             raise MergeError(f"adapters {merged} are merged into the base weights; unmerge them before mixing adapters")
-        with routed(layers, RowRouting(names, per_token)):
+        with routed(layers, kept or RowRouting(names, per_token)):
             yield
 
     def _refuse_merged(self) -> None:
