@@ -4,6 +4,7 @@ from the server's. Times every prefill and decode step, mixed (client i on adapt
     python benchmarks/bench_serve_engine.py --threads 1 --clients 8
     python benchmarks/bench_serve_engine.py --clients 32 --prefix-cache-mb 0      # without the prefix cache
     python benchmarks/bench_serve_engine.py --threads 1 --steps                   # what bounds a mixed step
+    python benchmarks/bench_serve_engine.py --threads 1 --clients 8 16 32 64 --max-batch 64   # where it saturates
 
 Setup as ``bench_serve.py``: SmolLM2-135M, 8 random LoRA adapters (r = 8, the seven projections), each client
 sending ``--requests`` chat requests one after the other for exactly 16-48 tokens (``ignore_eos``), every user
@@ -40,6 +41,9 @@ def run(engine_args: dict, model, tokenizer, names: list[str], mode: str, client
 
     engine = Engine(model, stop_ids=set(), context=2048, **engine_args)
     spent: dict[str, list[float]] = {"prefill": [], "decode": []}
+    batches: list[int] = []
+    observed_step = engine.observer.step
+    engine.observer.step = lambda rows: (batches.append(rows), observed_step(rows))[1]
     for name in spent:
         inner = getattr(engine, "_" + name)
 
@@ -71,7 +75,7 @@ def run(engine_args: dict, model, tokenizer, names: list[str], mode: str, client
     async def everyone() -> float:
         # a server that has been running: every adapter has answered once (the template's prefix is cached)
         await asyncio.gather(*(answer(GenerationRequest(prompt(-1 - j, 0), name, 1)) for j, name in enumerate(names)))
-        for times in spent.values():
+        for times in (*spent.values(), batches):
             times.clear()
         start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
@@ -90,6 +94,7 @@ def run(engine_args: dict, model, tokenizer, names: list[str], mode: str, client
         "decode_s": round(sum(spent["decode"]), 2),
         "steps": len(spent["decode"]),
         "step_median_ms": round(statistics.median(spent["decode"]) * 1000, 1),
+        "rows_per_step": round(statistics.mean(batches), 1),
     }
 
 
@@ -142,7 +147,8 @@ def steps(model, names: list[str], rows: int = 8, repeats: int = 15) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, nargs="+", default=[8])
+    parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2, help="mixed/single pairs, in alternating order")
@@ -161,10 +167,12 @@ def main() -> None:
         if args.steps:
             print(steps(model, names), flush=True)
             return
-        engine_args = {"max_batch": 32, "prefix_cache_bytes": int(args.prefix_cache_mb * 2**20)}
-        for round_ in range(args.rounds):  # the order alternates: a process's first run pays for its memory
-            for mode in ("mixed", "single") if round_ % 2 == 0 else ("single", "mixed"):
-                print(run(engine_args, model, tokenizer, names, mode, args.clients, args.requests), flush=True)
+        engine_args = {"max_batch": args.max_batch, "prefix_cache_bytes": int(args.prefix_cache_mb * 2**20)}
+        for clients in args.clients:
+            for round_ in range(args.rounds):  # the order alternates: a process's first run pays for its memory
+                for mode in ("mixed", "single") if round_ % 2 == 0 else ("single", "mixed"):
+                    result = run(engine_args, model, tokenizer, names, mode, clients, args.requests)
+                    print({"clients": clients, **result}, flush=True)
 
 
 if __name__ == "__main__":

@@ -231,19 +231,21 @@ def test_decode_steps_keep_one_routing_while_their_rows_stay_and_drop_it_on_a_de
     made = []
     init = RowRouting.__init__
     monkeypatch.setattr(RowRouting, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
-    engine = Engine(model, stop_ids=set(), context=256, max_batch=8, prefix_cache_bytes=0).start()
+    engine = Engine(model, stop_ids=set(), context=256, max_batch=8, prefix_cache_bytes=0)
     prompt = tuple(tokenizer("Say hello")["input_ids"])
     requests = [GenerationRequest(prompt, name, 12) for name in names[:2]]
 
-    async def together():
+    async def together():  # both waiting when the scheduler starts: one prefill, then every step over both rows
         loop = asyncio.get_running_loop()
-        return [await _events(h) for h in [engine.submit(r, loop) for r in requests]]
+        handles = [engine.submit(r, loop) for r in requests]
+        engine.start()
+        return [await _events(h) for h in handles]
 
     try:
         crowd = asyncio.run(together())
-        decoding = [r for r in made if not r.per_token and len(r.names) == 2]  # (prefills: one name per token)
-        assert engine.steps >= 11 and len(decoding) <= 2  # not one per step
-        assert engine._routing in decoding
+        decoding = [r for r in made if not r.per_token]  # (the prefill names one adapter per token)
+        assert engine.steps == 11 and len(decoding) == 1  # not one per step
+        assert engine._routing is decoding[0] and decoding[0].names == tuple(names[:2])
         engine.delete_adapter(names[1]).result(60)
         assert engine._routing is None
         assert asyncio.run(_run(engine, requests[0]))[0] == crowd[0][0]
