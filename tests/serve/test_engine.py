@@ -175,6 +175,18 @@ async def _run(engine: Engine, request: GenerationRequest) -> tuple[list[int], o
     return await _events(engine.submit(request, asyncio.get_running_loop()))
 
 
+def _together(engine: Engine, requests: list[GenerationRequest]) -> list[tuple[list[int], object]]:
+    """Every request waiting when the scheduler starts (so they are admitted together), then each one's answer."""
+
+    async def run() -> list[tuple[list[int], object]]:
+        loop = asyncio.get_running_loop()
+        handles = [engine.submit(r, loop) for r in requests]
+        engine.start()
+        return [await _events(h) for h in handles]
+
+    return asyncio.run(run())
+
+
 def test_prompts_waiting_together_are_prefilled_packed_in_one_forward_each_as_alone(files, one_thread):
     """Prompts of different lengths on different adapters (and the base), all waiting when the scheduler turns:
     one prefill forward over them packed into one sequence, and every greedy answer is the one it gets alone."""
@@ -196,15 +208,8 @@ def test_prompts_waiting_together_are_prefilled_packed_in_one_forward_each_as_al
         lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
     )
     engine = Engine(model, stop_ids=set(), context=256, max_batch=8, prefix_cache_bytes=0)  # each prompt whole
-
-    async def together():
-        loop = asyncio.get_running_loop()
-        handles = [engine.submit(r, loop) for r in requests]
-        engine.start()
-        return [await _events(h) for h in handles]
-
     try:
-        crowd = asyncio.run(together())
+        crowd = _together(engine, requests)
         prefills = [s for s in shapes if s[1] > 1]
         assert prefills == [(1, sum(len(r.prompt) for r in requests))]  # packed: one sequence, no padding
         alone = [asyncio.run(_run(engine, r)) for r in requests]
@@ -234,15 +239,8 @@ def test_decode_steps_keep_one_routing_while_their_rows_stay_and_drop_it_on_a_de
     engine = Engine(model, stop_ids=set(), context=256, max_batch=8, prefix_cache_bytes=0)
     prompt = tuple(tokenizer("Say hello")["input_ids"])
     requests = [GenerationRequest(prompt, name, 12) for name in names[:2]]
-
-    async def together():  # both waiting when the scheduler starts: one prefill, then every step over both rows
-        loop = asyncio.get_running_loop()
-        handles = [engine.submit(r, loop) for r in requests]
-        engine.start()
-        return [await _events(h) for h in handles]
-
     try:
-        crowd = asyncio.run(together())
+        crowd = _together(engine, requests)  # one prefill, then every step over both rows
         decoding = [r for r in made if not r.per_token]  # (the prefill names one adapter per token)
         assert engine.steps == 11 and len(decoding) == 1  # not one per step
         assert engine._routing is decoding[0] and decoding[0].names == tuple(names[:2])
