@@ -41,6 +41,7 @@ complete one.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -250,10 +251,9 @@ def _pack_for(layer: LoraLayer, adapters: tuple[str, ...]) -> _Pack:
         entry = None
         everything = tuple(layer.r)
         if len(adapters) > 1 and everything != adapters and sum(layer.r.values()) <= COVER_SLACK * width:
-            try:
+            # an adapter this call does not name must not fail it: then pack only those it names
+            with contextlib.suppress(Exception):
                 entry = _Entry(layer, everything)
-            except Exception:  # an adapter this call does not name must not fail it: pack only those it names
-                entry = None
         entry = entry or _Entry(layer, adapters)
         budget = PACK_BUDGET * sum(layer.r.values()) - entry.pack.width
         while live and sum(e.pack.width for e in live) > budget:  # the oldest go first
