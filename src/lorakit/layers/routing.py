@@ -27,7 +27,9 @@ class RowRouting:
     One object per call, shared by the layers of the called model and by no other call (see :func:`routed`). It
     remembers, per layer, the pack and plan that layer used, so from the second forward of a generation on
     (every new token) a layer goes straight to its GEMMs: the factors are checked for changes once per call, not
-    once per token (they cannot change while a forward runs).
+    once per token (they cannot change while a forward runs). A caller that knows no weight changes between its
+    calls may keep one for the next call with the same names, in one thread (``lorakit serve``'s scheduler between
+    decode steps; ``rows_routed`` takes it): the checks are then made once for all of them.
     """
 
     __slots__ = ("names", "per_token", "adapters", "used", "shared", "_rows", "_seen")
