@@ -499,11 +499,12 @@ class Engine:
         with torch.inference_mode():
             if not hasattr(self.model, "peft_config"):
                 return self.model(**args)
-            routing = self._routing
             if per_token:
                 routing = RowRouting(names, per_token=True)
-            elif routing is None or routing.names != tuple(names):
-                routing = self._routing = RowRouting(names)
+            else:
+                if self._routing is None or self._routing.names != tuple(names):
+                    self._routing = RowRouting(names)
+                routing = self._routing
             with self.model.base_model.rows_routed(routing):
                 return self.model(**args)
 

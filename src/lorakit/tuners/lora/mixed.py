@@ -227,9 +227,7 @@ class _Entry:
 
     def fresh(self, layer: LoraLayer) -> bool:
         """The layer's adapters, scales and weights are still those the pack was built from (False once an adapter
-        is added or removed: the pack may hold one that is gone)."""
-        if self.stamp[1] != layer.adapters_stamp:
-            return False
+        is added or removed, the stamp changes: the pack may hold one that is gone)."""
         return self.stamp == _stamp(layer, self.pack.adapters) and all(
             t._version == version and t.data_ptr() == ptr for t, version, ptr in self.watched
         )
